@@ -1,0 +1,382 @@
+"""On-disk activation cache: sharded safetensors plus a manifest, built resumably, read memory-mapped.
+
+Layout of a cache folder:
+    manifest.json            what was built (model, hooks, dims, dtype, corpus...) and one entry per
+                             finished shard (file, token count, context range, byte size, xxh3-128 checksum)
+    shard_00000.safetensors  tensors 'acts:<hook>' [n, d] (storage dtype), optional 'grads:<hook>',
+                             'token_ids', 'context', 'position' [n] int32
+
+The manifest is the source of truth: a shard counts only once the manifest lists it, and both are
+written to a temporary name, fsynced and renamed, so a killed build never leaves a half-written shard
+that looks complete. Shard i always holds contexts [i*c, (i+1)*c) of the deterministic corpus order,
+so a resumed build skips finished shards and produces the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import math
+import os
+import shutil
+import struct
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+from safetensors.torch import save as safetensors_bytes
+from tqdm.auto import tqdm
+
+from saelab import __version__
+from saelab.activations.batch import ACTS_PREFIX, GRADS_PREFIX, META_KEYS, ActivationBatch
+from saelab.activations.source import ActivationSource
+from saelab.config import CacheCommand, to_dict
+from saelab.data import token_contexts
+from saelab.dtypes import dtype_name, parse_dtype
+from saelab.errors import SaelabError
+
+FORMAT = "saelab-activation-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Options that change the stored bytes; a resumed build must match them exactly.
+IDENTITY = {
+    "model": ("model", "model_dtype"),
+    "data": ("corpus", "context_length", "seed", "text_column", "split"),
+    "harvest": ("hooks", "with_grads", "include_special"),
+    "cache": ("n_tokens", "storage_dtype", "shard_tokens"),
+}
+_NUMPY_STORAGE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
+_TORCH_VIEW = {"BF16": torch.bfloat16}
+
+
+def checksum(data: bytes | memoryview) -> str:
+    return "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
+
+
+def file_checksum(path: Path, chunk: int = 1 << 24) -> str:
+    hasher = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            hasher.update(block)
+    return "xxh3_128:" + hasher.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a fsynced temporary file and a rename. Disk-full becomes a SaelabError."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SaelabError(
+                f"Disk full while writing {path}. Finished shards are kept; free some space (or use "
+                "--storage-dtype bfloat16 to halve the size) and rerun the same command to resume."
+            ) from exc
+        raise
+
+
+def _identity(config: CacheCommand) -> dict[str, Any]:
+    full = to_dict(config)
+    return {section: {key: full[section][key] for key in keys} for section, keys in IDENTITY.items()}
+
+
+def _describe_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
+    diffs = []
+    for section, keys in IDENTITY.items():
+        for key in keys:
+            before, after = old.get(section, {}).get(key), new[section][key]
+            if before != after:
+                diffs.append(f"{key}: cache has {before!r}, asked for {after!r}")
+    return "; ".join(diffs)
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], shard_index: int) -> None:
+    for name, t in tensors.items():
+        if name.startswith((ACTS_PREFIX, GRADS_PREFIX)) and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).any(dim=1).nonzero()[0, 0])
+            raise SaelabError(
+                f"NaN/Inf in '{name}' for context {int(tensors['context'][bad])}, position "
+                f"{int(tensors['position'][bad])} (shard {shard_index}); nothing from this shard was written. "
+                "A float16 model or --storage-dtype float16 can overflow: use float32 or bfloat16, then rerun "
+                "to resume (use a new --out if you change the dtype)."
+            )
+
+
+def _start_manifest(out: Path, config: CacheCommand, source: ActivationSource) -> dict[str, Any]:
+    context_length = config.data.context_length
+    contexts_per_shard = max(1, config.cache.shard_tokens // context_length)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "saelab_version": __version__,
+        "identity": _identity(config),
+        "config": to_dict(config),
+        "hooks": {hook: {"d": d} for hook, d in source.dims.items()},
+        "storage_dtype": config.cache.storage_dtype,
+        "context_length": context_length,
+        "contexts_per_shard": contexts_per_shard,
+        "n_contexts_planned": math.ceil(config.cache.n_tokens / context_length),
+        "shards": [],
+        "n_tokens": 0,
+        "complete": False,
+    }
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise SaelabError(
+            f"{path} is not a saelab activation cache (no {MANIFEST}). Build one with: saelab cache --out {path}"
+        )
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise SaelabError(f"{file} is corrupt ({exc}). Rebuild the cache with --overwrite.") from exc
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise SaelabError(f"{file} is not a saelab activation cache of format version {FORMAT_VERSION}.")
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2).encode())
+
+
+def _open_for_build(out: Path, config: CacheCommand) -> dict[str, Any] | None:
+    """The manifest to resume from, None to start fresh; raises if `out` holds something else."""
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if not (out / MANIFEST).is_file():
+        if config.cache.overwrite:
+            shutil.rmtree(out)
+            return None
+        raise SaelabError(
+            f"{out} exists and is not a saelab cache; refusing to write into it. Choose another --out "
+            "(or pass --overwrite to delete its contents)."
+        )
+    manifest = read_manifest(out)
+    mismatch = _describe_mismatch(manifest["identity"], _identity(config))
+    if mismatch:
+        if config.cache.overwrite:
+            shutil.rmtree(out)
+            return None
+        raise SaelabError(
+            f"{out} holds a cache built with other settings ({mismatch}). Use another --out, or --overwrite "
+            "to delete it."
+        )
+    return manifest
+
+
+def build_cache(config: CacheCommand, model=None, progress: bool = True) -> ActivationCache:
+    """Harvest activations as configured and write them to `config.cache.out`; resume if partly built.
+
+    `model` (a TransformerBridge) defaults to loading `config.model.model`.
+    """
+    out = Path(config.cache.out)
+    storage_dtype = parse_dtype(config.cache.storage_dtype)
+    if config.cache.n_tokens <= 0:
+        raise SaelabError(f"--n-tokens must be positive (got {config.cache.n_tokens}).")
+    manifest = _open_for_build(out, config)
+    if manifest is not None and manifest["complete"]:
+        return ActivationCache(out)
+    if model is None:
+        from saelab.models import load_model
+
+        model = load_model(config.model.model, device=config.model.device, dtype=config.model.model_dtype)
+    source = ActivationSource(
+        model, config.harvest.hooks, with_grads=config.harvest.with_grads, include_special=config.harvest.include_special
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        manifest = _start_manifest(out, config, source)
+        _write_manifest(out, manifest)
+    per_shard = manifest["contexts_per_shard"]
+    planned = manifest["n_contexts_planned"]
+    first = len(manifest["shards"]) * per_shard
+    contexts = itertools.islice(token_contexts(config.data, model.tokenizer), first, planned)
+    length = config.data.context_length
+    bar = tqdm(total=planned * length, initial=first * length, unit="tok", unit_scale=True,
+               desc=f"caching {out}", disable=not progress)
+    with bar:
+        while first < planned:
+            shard_contexts = list(itertools.islice(contexts, min(per_shard, planned - first)))
+            if not shard_contexts:
+                bar.write(f"saelab: the corpus ended after {first} contexts ({first * length} tokens); "
+                          "the cache holds all of them.")
+                manifest["n_contexts_planned"] = first
+                break
+            parts = []
+            for start in range(0, len(shard_contexts), config.harvest.batch_contexts):
+                chunk = torch.stack(shard_contexts[start : start + config.harvest.batch_contexts])
+                parts.append(source.batch(chunk, first_context=first + start).to(dtype=storage_dtype))
+                bar.update(chunk.numel())
+            _write_shard(out, manifest, ActivationBatch.cat(parts), first, len(shard_contexts))
+            first += len(shard_contexts)
+    manifest["complete"] = True
+    _write_manifest(out, manifest)
+    return ActivationCache(out)
+
+
+def _write_shard(out: Path, manifest: dict[str, Any], batch: ActivationBatch, first: int, count: int) -> None:
+    index = len(manifest["shards"])
+    tensors = {k: (v if k.startswith((ACTS_PREFIX, GRADS_PREFIX)) else v.to(torch.int32)).contiguous()
+               for k, v in batch.to_tensors().items()}
+    _check_finite(tensors, index)
+    data = safetensors_bytes(tensors)
+    name = f"shard_{index:05d}.safetensors"
+    write_atomic(out / name, data)
+    manifest["shards"].append(
+        {"file": name, "n_tokens": len(batch), "contexts": [first, first + count], "bytes": len(data),
+         "checksum": checksum(data)}
+    )
+    manifest["n_tokens"] += len(batch)
+    _write_manifest(out, manifest)
+
+
+def _memmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Map every tensor of a safetensors file without reading it (bf16 via a uint16 view)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    base = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        storage = _NUMPY_STORAGE[info["dtype"]]
+        count = (end - begin) // np.dtype(storage).itemsize
+        array = np.memmap(path, dtype=storage, mode="r", offset=base + begin, shape=(count,)) if count else np.empty(0, storage)
+        tensor = torch.from_numpy(array.reshape(info["shape"]))  # read-only map: never written through
+        tensors[name] = tensor.view(_TORCH_VIEW[info["dtype"]]) if info["dtype"] in _TORCH_VIEW else tensor
+    return tensors
+
+
+class ActivationCache:
+    """A finished cache folder, memory-mapped.
+
+    verify: check every shard's checksum on open (one sequential read); sizes are always checked.
+    """
+
+    def __init__(self, path: str | Path, verify: bool = True, progress: bool = False):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if not self.manifest["complete"]:
+            raise SaelabError(
+                f"The cache in {self.path} is incomplete ({len(self.manifest['shards'])} shards finished). "
+                "Rerun the same `saelab cache` command to resume it."
+            )
+        self.hooks = list(self.manifest["hooks"])
+        self.has_grads = self.manifest["identity"]["harvest"]["with_grads"]
+        self.storage_dtype = parse_dtype(self.manifest["storage_dtype"])
+        shards = self.manifest["shards"]
+        for shard in tqdm(shards, desc="verifying shards", disable=not (verify and progress)):
+            file = self.path / shard["file"]
+            if not file.is_file() or file.stat().st_size != shard["bytes"]:
+                size = file.stat().st_size if file.is_file() else "missing"
+                raise SaelabError(
+                    f"Shard {file} is truncated or missing (expected {shard['bytes']} bytes, found {size}). "
+                    "Rebuild the cache with --overwrite."
+                )
+            if verify and file_checksum(file) != shard["checksum"]:
+                raise SaelabError(
+                    f"Shard {file} is corrupt (checksum mismatch). Rebuild the cache with --overwrite."
+                )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns that the numpy maps are read-only
+            self._shards = [_memmap_safetensors(self.path / s["file"]) for s in shards]
+        self._offsets = np.cumsum([0] + [s["n_tokens"] for s in shards])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self._offsets[-1])
+
+    def d(self, hook: str) -> int:
+        return self.manifest["hooks"][self.require(hook)]["d"]
+
+    def require(self, hook: str, d: int | None = None) -> str:
+        """Check that the cache holds `hook` (with width `d`, if given); return the hook."""
+        if hook not in self.manifest["hooks"]:
+            raise SaelabError(
+                f"The cache in {self.path} has no hook '{hook}'; it holds {', '.join(self.hooks)}. "
+                "Pick one of those or build a cache for that hook."
+            )
+        if d is not None and self.manifest["hooks"][hook]["d"] != d:
+            raise SaelabError(
+                f"Hook '{hook}' in {self.path} has width {self.manifest['hooks'][hook]['d']}, not {d}. "
+                "Use a cache built from the same model and hook."
+            )
+        return hook
+
+    def summary(self) -> str:
+        m = self.manifest
+        ident = m["identity"]
+        size = sum(s["bytes"] for s in m["shards"])
+        lines = [
+            f"activation cache {self.path}",
+            f"  model       {ident['model']['model']} ({ident['model']['model_dtype']})",
+            f"  corpus      {ident['data']['corpus']} (seed {ident['data']['seed']}, "
+            f"context length {m['context_length']})",
+            f"  tokens      {self.n_tokens:,} in {len(m['shards'])} shards, {size / 1e6:,.1f} MB, "
+            f"stored as {m['storage_dtype']}" + (" with gradients" if self.has_grads else ""),
+        ]
+        lines += [f"  hook        {hook}  d={info['d']}" for hook, info in m["hooks"].items()]
+        return "\n".join(lines)
+
+    def read(self, index: torch.Tensor, hooks: Sequence[str] | None = None, grads: bool = False) -> ActivationBatch:
+        """Tokens at global indices `index` [m] (any order; fastest sorted) -> ActivationBatch of m tokens."""
+        hooks = [self.require(h) for h in (hooks if hooks is not None else self.hooks)]
+        if grads and not self.has_grads:
+            raise SaelabError(f"The cache in {self.path} holds no gradients; build it with --with-grads.")
+        names = [ACTS_PREFIX + h for h in hooks] + ([GRADS_PREFIX + h for h in hooks] if grads else []) + list(META_KEYS)
+        index = torch.as_tensor(index, dtype=torch.long)
+        shard_of = torch.from_numpy(np.searchsorted(self._offsets, index.numpy(), side="right") - 1)
+        order = torch.argsort(shard_of, stable=True)
+        shards, counts = torch.unique_consecutive(shard_of[order], return_counts=True)
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        for s, wanted in zip(shards.tolist(), index[order].split(counts.tolist())):
+            local = wanted - int(self._offsets[s])
+            for n in names:
+                parts[n].append(self._shards[s][n].index_select(0, local))
+        gathered = {n: torch.cat(p) for n, p in parts.items()}
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return ActivationBatch.from_tensors({n: t[inverse] for n, t in gathered.items()})
+
+    def batches(
+        self,
+        batch_size: int = 4096,
+        hooks: Sequence[str] | None = None,
+        grads: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[ActivationBatch]:
+        """One epoch of batches. Shuffled: a fresh permutation of all tokens per (seed, epoch), so every token is
+        visited exactly once and batches mix contexts from all shards. Rank r of world_size gets every
+        world_size-th batch (disjoint parts, for data-parallel training). Tokens inside a batch come sorted by
+        storage position (cheaper to read; a batch is a set to the trainer)."""
+        if shuffle:
+            order = torch.randperm(self.n_tokens, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        else:
+            order = torch.arange(self.n_tokens)
+        starts = range(0, self.n_tokens, batch_size)
+        for number, start in enumerate(starts):
+            if number % world_size != rank:
+                continue
+            index = order[start : start + batch_size]
+            if drop_last and len(index) < batch_size:
+                return
+            yield self.read(index.sort().values if shuffle else index, hooks=hooks, grads=grads)
