@@ -164,7 +164,8 @@ def pack_contexts(
         if len(batch) == tokenize_batch:
             yield from drain(batch)
             batch = []
-    yield from drain(batch)
+    if batch:
+        yield from drain(batch)
 
 
 def token_contexts(config: DataConfig, tokenizer: Any) -> Iterator[torch.Tensor]:
