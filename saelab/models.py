@@ -126,7 +126,9 @@ def load_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str | tor
     `name` is one of EMBEDDED_MODELS, a local HF model folder, or an HF hub id.
     """
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown saelab's own progress
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if name == "tiny-native":
         return tiny_native_model(device=device, dtype=torch_dtype)

@@ -1,4 +1,5 @@
 import functools
+import itertools
 
 import pytest
 import torch
@@ -24,10 +25,26 @@ def test_multi_hook_harvest_equals_single_hook_harvests(tiny_model, tokenizer):
         assert torch.equal(together[hook], alone[hook])
 
 
-def test_forward_stops_after_the_deepest_hooked_block(tiny_model):
+def test_forward_stops_once_every_hook_has_fired(tiny_model, tokenizer):
     assert ActivationSource(tiny_model, ["blocks.0.hook_resid_post"]).stop_at_layer == 1
     assert ActivationSource(tiny_model, HOOKS).stop_at_layer == 2
     assert ActivationSource(tiny_model, ["ln_final.hook_normalized"]).stop_at_layer is None
+    calls = {"block 1": 0, "unembed": 0}
+    handles = [
+        module.register_forward_pre_hook(lambda module, args, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, module in (("block 1", tiny_model.blocks[1]), ("unembed", tiny_model.unembed))
+    ]
+    try:
+        ActivationSource(tiny_model, ["blocks.0.hook_resid_post"]).harvest(tokens_with_bos(tokenizer))
+        assert calls == {"block 1": 0, "unembed": 0}
+        ActivationSource(tiny_model, ["blocks.1.hook_resid_mid"]).harvest(tokens_with_bos(tokenizer))
+        assert calls == {"block 1": 2, "unembed": 0}  # once in the width probe, once here; never the unembed
+        with torch.no_grad():  # the early exit leaves no hook behind: a plain forward runs to the logits
+            logits = tiny_model(tokens_with_bos(tokenizer), return_type="logits")
+        assert logits.shape[-1] == len(tokenizer) and calls["unembed"] == 1
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_hook_z_flattening_round_trips(tiny_model, tokenizer):
@@ -103,3 +120,19 @@ def test_stored_gradients_match_finite_differences(tokenizer):
             assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (hook, row, pos)
     # the last position only feeds its own logits, which predict nothing
     assert grads["blocks.0.hook_resid_post"][:, -1].abs().sum() == 0
+
+
+@pytest.mark.slow
+def test_encoder_model_harvests_with_cls_as_begin_token():
+    from saelab.config import DataConfig
+    from saelab.data import token_contexts
+    from saelab.models import load_model
+
+    model = load_model("minilm-l6")
+    contexts = list(itertools.islice(token_contexts(DataConfig(context_length=16), model.tokenizer), 2))
+    assert all(c[0] == model.tokenizer.cls_token_id for c in contexts)
+    source = ActivationSource(model, ["blocks.2.hook_resid_post", "blocks.2.attn.hook_z"])
+    batch = source.batch(torch.stack(contexts))
+    assert source.dims == {"blocks.2.hook_resid_post": 384, "blocks.2.attn.hook_z": 384}
+    assert len(batch) <= 2 * 15 and model.tokenizer.cls_token_id not in batch.token_ids.tolist()
+    assert torch.isfinite(batch.acts["blocks.2.hook_resid_post"]).all()

@@ -4,7 +4,8 @@ Layout of a cache folder:
     manifest.json            what was built (model, hooks, dims, dtype, corpus...) and one entry per
                              finished shard (file, token count, context range, byte size, xxh3-128 checksum)
     shard_00000.safetensors  tensors 'acts:<hook>' [n, d] (storage dtype), optional 'grads:<hook>',
-                             'token_ids', 'context', 'position' [n] int32
+                             'token_info' [n, 3] int32: token id, context index, position (packed so a
+                             shuffled read fetches one cache line of metadata per token, not three)
 
 The manifest is the source of truth: a shard counts only once the manifest lists it, and both are
 written to a temporary name, fsynced and renamed, so a killed build never leaves a half-written shard
@@ -43,6 +44,7 @@ from saelab.errors import SaelabError
 FORMAT = "saelab-activation-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TOKEN_INFO = "token_info"
 # Options that change the stored bytes; a resumed build must match them exactly.
 IDENTITY = {
     "model": ("model", "model_dtype"),
@@ -100,13 +102,13 @@ def _describe_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(diffs)
 
 
-def _check_finite(tensors: dict[str, torch.Tensor], shard_index: int) -> None:
-    for name, t in tensors.items():
+def _check_finite(batch: ActivationBatch, shard_index: int) -> None:
+    for name, t in batch.to_tensors().items():
         if name.startswith((ACTS_PREFIX, GRADS_PREFIX)) and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).any(dim=1).nonzero()[0, 0])
             raise SaelabError(
-                f"NaN/Inf in '{name}' for context {int(tensors['context'][bad])}, position "
-                f"{int(tensors['position'][bad])} (shard {shard_index}); nothing from this shard was written. "
+                f"NaN/Inf in '{name}' for context {int(batch.context[bad])}, position "
+                f"{int(batch.position[bad])} (shard {shard_index}); nothing from this shard was written. "
                 "A float16 model or --storage-dtype float16 can overflow: use float32 or bfloat16, then rerun "
                 "to resume (use a new --out if you change the dtype)."
             )
@@ -228,9 +230,9 @@ def build_cache(config: CacheCommand, model=None, progress: bool = True) -> Acti
 
 def _write_shard(out: Path, manifest: dict[str, Any], batch: ActivationBatch, first: int, count: int) -> None:
     index = len(manifest["shards"])
-    tensors = {k: (v if k.startswith((ACTS_PREFIX, GRADS_PREFIX)) else v.to(torch.int32)).contiguous()
-               for k, v in batch.to_tensors().items()}
-    _check_finite(tensors, index)
+    _check_finite(batch, index)
+    tensors = {k: v.contiguous() for k, v in batch.to_tensors().items() if k not in META_KEYS}
+    tensors[TOKEN_INFO] = torch.stack([getattr(batch, k) for k in META_KEYS], dim=1).to(torch.int32)
     data = safetensors_bytes(tensors)
     name = f"shard_{index:05d}.safetensors"
     write_atomic(out / name, data)
@@ -294,7 +296,7 @@ class ActivationCache:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch warns that the numpy maps are read-only
             self._shards = [_memmap_safetensors(self.path / s["file"]) for s in shards]
-        self._offsets = np.cumsum([0] + [s["n_tokens"] for s in shards])
+        self._offsets = torch.tensor(np.cumsum([0] + [s["n_tokens"] for s in shards]))
 
     @property
     def n_tokens(self) -> int:
@@ -326,7 +328,7 @@ class ActivationCache:
             f"  model       {ident['model']['model']} ({ident['model']['model_dtype']})",
             f"  corpus      {ident['data']['corpus']} (seed {ident['data']['seed']}, "
             f"context length {m['context_length']})",
-            f"  tokens      {self.n_tokens:,} in {len(m['shards'])} shards, {size / 1e6:,.1f} MB, "
+            f"  tokens      {self.n_tokens:,} in {len(m['shards'])} shard(s), {size / 1e6:,.1f} MB, "
             f"stored as {m['storage_dtype']}" + (" with gradients" if self.has_grads else ""),
         ]
         lines += [f"  hook        {hook}  d={info['d']}" for hook, info in m["hooks"].items()]
@@ -337,20 +339,30 @@ class ActivationCache:
         hooks = [self.require(h) for h in (hooks if hooks is not None else self.hooks)]
         if grads and not self.has_grads:
             raise SaelabError(f"The cache in {self.path} holds no gradients; build it with --with-grads.")
-        names = [ACTS_PREFIX + h for h in hooks] + ([GRADS_PREFIX + h for h in hooks] if grads else []) + list(META_KEYS)
+        names = [ACTS_PREFIX + h for h in hooks] + ([GRADS_PREFIX + h for h in hooks] if grads else []) + [TOKEN_INFO]
         index = torch.as_tensor(index, dtype=torch.long)
-        shard_of = torch.from_numpy(np.searchsorted(self._offsets, index.numpy(), side="right") - 1)
-        order = torch.argsort(shard_of, stable=True)
-        shards, counts = torch.unique_consecutive(shard_of[order], return_counts=True)
-        parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        for s, wanted in zip(shards.tolist(), index[order].split(counts.tolist())):
-            local = wanted - int(self._offsets[s])
+        in_order = bool((index[1:] >= index[:-1]).all())
+        order = None if in_order else torch.argsort(index)
+        wanted = index if in_order else index[order]
+        bounds = torch.searchsorted(wanted, self._offsets).tolist()
+        gathered = {}
+        for n in names:
+            first = self._shards[0][n]
+            gathered[n] = torch.empty((len(index), *first.shape[1:]), dtype=first.dtype)
+        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if a == b:
+                continue
+            local = wanted[a:b] - int(self._offsets[s])
+            for n in names:  # gather straight into the output rows: one copy from the page cache
+                torch.index_select(self._shards[s][n], 0, local, out=gathered[n][a:b])
+        if order is not None:
             for n in names:
-                parts[n].append(self._shards[s][n].index_select(0, local))
-        gathered = {n: torch.cat(p) for n, p in parts.items()}
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order))
-        return ActivationBatch.from_tensors({n: t[inverse] for n, t in gathered.items()})
+                restored = torch.empty_like(gathered[n])
+                restored[order] = gathered[n]
+                gathered[n] = restored
+        info = gathered.pop(TOKEN_INFO).long()
+        gathered.update({k: info[:, i] for i, k in enumerate(META_KEYS)})
+        return ActivationBatch.from_tensors(gathered)
 
     def batches(
         self,
@@ -368,15 +380,16 @@ class ActivationCache:
         visited exactly once and batches mix contexts from all shards. Rank r of world_size gets every
         world_size-th batch (disjoint parts, for data-parallel training). Tokens inside a batch come sorted by
         storage position (cheaper to read; a batch is a set to the trainer)."""
+        order = torch.arange(self.n_tokens)
         if shuffle:
             order = torch.randperm(self.n_tokens, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        else:
-            order = torch.arange(self.n_tokens)
-        starts = range(0, self.n_tokens, batch_size)
-        for number, start in enumerate(starts):
+            full = self.n_tokens // batch_size * batch_size  # sort each batch's indices in one vectorised call
+            order[:full] = order[:full].view(-1, batch_size).sort(dim=1).values.flatten()
+            order[full:] = order[full:].sort().values
+        for number, start in enumerate(range(0, self.n_tokens, batch_size)):
             if number % world_size != rank:
                 continue
             index = order[start : start + batch_size]
             if drop_last and len(index) < batch_size:
                 return
-            yield self.read(index.sort().values if shuffle else index, hooks=hooks, grads=grads)
+            yield self.read(index, hooks=hooks, grads=grads)

@@ -1,6 +1,8 @@
 """ActivationSource: run a TransformerBridge over token contexts and return per-token activations.
 
-All requested hooks are read in one forward pass, which stops after the deepest hooked block. With
+All requested hooks are read in one forward pass, which stops as soon as the last of them has fired
+(TransformerLens' `stop_at_layer` is also passed, but native models ignore it and still run the
+unembedding, which dominates a small model's cost). With
 `with_grads`, the pass runs to the logits and back: each hook adds a zero tensor that requires grad, so
 d(loss)/d(zero) is exactly d(loss)/d(activation) without cutting any path through other hooks.
 """
@@ -18,6 +20,10 @@ from saelab.activations.batch import ActivationBatch
 from saelab.activations.hooks import per_token, resolve_hooks, stop_at_layer
 from saelab.data import begin_and_separator_ids, special_token_ids
 from saelab.errors import SaelabError
+
+
+class _AllHooksFired(Exception):
+    """Raised from the last hook to end the forward pass early; never escapes `harvest`."""
 
 
 class ActivationSource:
@@ -48,13 +54,18 @@ class ActivationSource:
 
             def save(act, hook, name):
                 captured[name] = act.detach().clone()
+                if len(captured) == len(self.hooks):
+                    raise _AllHooksFired
 
             with torch.no_grad():
-                self.model.run_with_hooks(
-                    tokens,
-                    fwd_hooks=[(n, functools.partial(save, name=n)) for n in self.hooks],
-                    stop_at_layer=self.stop_at_layer,
-                )
+                try:
+                    self.model.run_with_hooks(
+                        tokens,
+                        fwd_hooks=[(n, functools.partial(save, name=n)) for n in self.hooks],
+                        stop_at_layer=self.stop_at_layer,
+                    )
+                except _AllHooksFired:
+                    pass
             return {n: per_token(n, captured[n], batch, positions) for n in self.hooks}, None
 
         zeros: dict[str, torch.Tensor] = {}
