@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -77,7 +77,9 @@ class CacheConfig:
     out: str = option("runs/cache", "Output folder for shards and manifest.json.")
     n_tokens: int = option(200_000, "Tokens to run through the model (contexts x context_length, rounded up).")
     storage_dtype: str = option("float32", "On-disk activation dtype: float32, bfloat16 or float16.")
-    shard_tokens: int = option(262_144, "Tokens per shard (rounded to whole contexts).")
+    shard_tokens: int = option(
+        65_536, "Tokens per shard (rounded to whole contexts); the unit of resumption (150 MB at d=576 fp32)."
+    )
     overwrite: bool = option(False, "Delete an existing cache in --out that was built with other settings.")
 
 

@@ -98,18 +98,18 @@ def tiny_native_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer("tiny-native")
-    config = dict(
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_head=d_model // n_heads,
-        d_mlp=d_mlp,
-        d_vocab=len(tokenizer),
-        n_ctx=n_ctx,
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=seed,
-    )
+    config = {
+        "d_model": d_model,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "d_head": d_model // n_heads,
+        "d_mlp": d_mlp,
+        "d_vocab": len(tokenizer),
+        "n_ctx": n_ctx,
+        "act_fn": "gelu",
+        "normalization_type": "LN",
+        "seed": seed,
+    }
     return _prepare(TransformerBridge.boot_native(config, tokenizer=tokenizer, device=device, dtype=dtype))
 
 

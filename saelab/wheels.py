@@ -15,7 +15,7 @@ def wheel_file(package: str, relative: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SaelabError(f"Package '{package}' is not installed. Install it with: {install_hint}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
         raise SaelabError(f"{path} is missing from the '{package}' install. Reinstall with: {install_hint}")
     return path

@@ -32,12 +32,12 @@ if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from saelab.activations import ActivationCache, ActivationSource, build_cache  # noqa: E402
-from saelab.config import CacheCommand, CacheConfig, DataConfig, HarvestConfig, ModelConfig  # noqa: E402
-from saelab.data import token_contexts  # noqa: E402
-from saelab.models import load_model, tiny_native_model  # noqa: E402
+from saelab.activations import ActivationCache, ActivationSource, build_cache
+from saelab.config import CacheCommand, CacheConfig, DataConfig, HarvestConfig, ModelConfig
+from saelab.data import token_contexts
+from saelab.models import load_model, tiny_native_model
 
 
 def timed(fn) -> float:
@@ -107,7 +107,7 @@ def bench_read(folder: Path, gigabytes: float, rounds: int) -> dict[str, float]:
     for epoch in range(rounds):
         rates["raw_small"].append(raw_read_gbps(files, 1 << 20))
         rates["raw_batch"].append(raw_read_gbps(files, batch_bytes))
-        rates["shuffled"].append(act_bytes / timed(lambda: sum(1 for _ in cache.batches(4096, epoch=epoch))) / 1e9)
+        rates["shuffled"].append(act_bytes / timed(lambda e=epoch: sum(1 for _ in cache.batches(4096, epoch=e))) / 1e9)
         rates["sequential"].append(act_bytes / timed(lambda: sum(1 for _ in cache.batches(4096, shuffle=False))) / 1e9)
     medians = {k: statistics.median(v) for k, v in rates.items()}
     return {"gb": sum(f.stat().st_size for f in files) / 1e9, **medians}

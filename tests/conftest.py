@@ -4,10 +4,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
-from saelab.config import CacheCommand, CacheConfig, DataConfig, HarvestConfig, ModelConfig  # noqa: E402
-from saelab.models import load_model, load_tokenizer, tiny_native_model  # noqa: E402
+from saelab.config import CacheCommand, CacheConfig, DataConfig, HarvestConfig, ModelConfig
+from saelab.models import load_model, load_tokenizer, tiny_native_model
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ from saelab.activations.batch import ACTS_PREFIX, GRADS_PREFIX, META_KEYS, Activ
 from saelab.activations.source import ActivationSource
 from saelab.config import CacheCommand, to_dict
 from saelab.data import token_contexts
-from saelab.dtypes import dtype_name, parse_dtype
+from saelab.dtypes import parse_dtype
 from saelab.errors import SaelabError
 
 FORMAT = "saelab-activation-cache"
@@ -326,8 +326,8 @@ class ActivationCache:
         lines = [
             f"activation cache {self.path}",
             f"  model       {ident['model']['model']} ({ident['model']['model_dtype']})",
-            f"  corpus      {ident['data']['corpus']} (seed {ident['data']['seed']}, "
-            f"context length {m['context_length']})",
+            (f"  corpus      {ident['data']['corpus']} (seed {ident['data']['seed']}, "
+             f"context length {m['context_length']})"),
             f"  tokens      {self.n_tokens:,} in {len(m['shards'])} shard(s), {size / 1e6:,.1f} MB, "
             f"stored as {m['storage_dtype']}" + (" with gradients" if self.has_grads else ""),
         ]
@@ -349,7 +349,7 @@ class ActivationCache:
         for n in names:
             first = self._shards[0][n]
             gathered[n] = torch.empty((len(index), *first.shape[1:]), dtype=first.dtype)
-        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for s, (a, b) in enumerate(itertools.pairwise(bounds)):
             if a == b:
                 continue
             local = wanted[a:b] - int(self._offsets[s])
