@@ -114,7 +114,7 @@ def _check_finite(batch: ActivationBatch, shard_index: int) -> None:
             )
 
 
-def _start_manifest(out: Path, config: CacheCommand, source: ActivationSource) -> dict[str, Any]:
+def _start_manifest(config: CacheCommand, source: ActivationSource) -> dict[str, Any]:
     context_length = config.data.context_length
     contexts_per_shard = max(1, config.cache.shard_tokens // context_length)
     return {
@@ -199,7 +199,7 @@ def build_cache(config: CacheCommand, model=None, progress: bool = True) -> Acti
     )
     out.mkdir(parents=True, exist_ok=True)
     if manifest is None:
-        manifest = _start_manifest(out, config, source)
+        manifest = _start_manifest(config, source)
         _write_manifest(out, manifest)
     per_shard = manifest["contexts_per_shard"]
     planned = manifest["n_contexts_planned"]
