@@ -193,3 +193,153 @@ def from_args(command_cls: type[T], args: argparse.Namespace) -> T:
 def to_dict(config: Any) -> dict[str, Any]:
     """The nested-dict form written beside outputs; `from_dict` reads it back."""
     return dataclasses.asdict(config)
+
+
+# --- SAEs and training -----------------------------------------------------------------------------
+# An SAE's cfg.json holds `sae` plus the sections its architecture declares (SAE.sections), so a saved
+# SAE records exactly the options that shaped it.
+
+
+@dataclass
+class SAEConfig:
+    architecture: str = option(
+        "topk",
+        "SAE variant: relu (L1), topk, batchtopk, abstopk, jumprelu, gsae, choice (feature/mutual choice), "
+        "topafa, threshold (soft/hard/half/lq/cel0).",
+    )
+    expansion: int = option(16, "d_sae = expansion x d_in, unless --d-sae is given.")
+    d_sae: int = option(0, "Number of latents; 0 means expansion x d_in.")
+    k: int = option(32, "Active latents per token for the top-k family (topk, batchtopk, abstopk, gsae, choice).")
+    pre_enc_bias: bool = option(True, "Subtract b_dec from the input before encoding (SAELens apply_b_dec_to_input).")
+    input_norm: str = option(
+        "constant",
+        "Input normalisation: none; constant (scale so E||x|| = sqrt(d_in), folded into the saved weights); "
+        "layernorm (per token, undone after decoding; stored with the SAE).",
+    )
+    mse_reduction: str = option(
+        "sum", "Reconstruction loss over d_in: sum (SAELens, Anthropic) or mean (OpenAI, BatchTopK)."
+    )
+
+
+@dataclass
+class AuxConfig:
+    k_aux: int = option(512, "AuxK: top-k_aux dead latents reconstruct the residual; 0 means d_in // 2.")
+    aux_coef: float = option(1 / 32, "AuxK loss coefficient (OpenAI: 1/32).")
+    dead_tokens: int = option(10_000_000, "A latent is dead after this many tokens without firing.")
+
+
+@dataclass
+class TopKConfig:
+    rescale_by_decoder_norm: bool = option(
+        True, "Select latents by z_i * ||d_i|| (SAELens), so decoder-norm drift cannot change the selection."
+    )
+    threshold_rate: float = option(
+        0.01, "EMA rate of the inference threshold of batch-level variants (batchtopk, mutual/feature choice)."
+    )
+
+
+@dataclass
+class TrainConfig:
+    cache: str = option("", "Train from this activation cache folder; empty means harvest live from --model.")
+    out: str = option("runs/sae", "Output folder: one subfolder per trained SAE, plus logs and checkpoints.")
+    train_tokens: int = option(2_000_000, "Tokens to train on (per SAE).")
+    batch_size: int = option(4096, "Tokens per optimiser step.")
+    lr: float = option(0.0, "Adam learning rate; 0 means the variant's default (e.g. 2e-4 * (d_sae / 2^14)^-0.5 for TopK).")
+    adam_beta1: float = option(0.9, "Adam beta1.")
+    adam_beta2: float = option(0.999, "Adam beta2.")
+    lr_warmup_steps: int = option(100, "Linear learning-rate warmup steps.")
+    lr_decay_fraction: float = option(0.2, "Decay the learning rate linearly to 0 over this final fraction of steps.")
+    grad_clip: float = option(1.0, "Clip the gradient norm to this (0 disables).")
+    buffer_tokens: int = option(262_144, "Shuffle-buffer size for live harvesting (tokens).")
+    log_every: int = option(50, "Log metrics (JSONL) every N steps.")
+    checkpoint_every: int = option(500, "Write a resumable checkpoint every N steps.")
+    resume: bool = option(False, "Continue from the checkpoint in --out (same config), to the same result.")
+    sweep: list[str] = option(
+        [],
+        "Train several SAEs from one activation stream: each entry is comma-separated overrides of the options "
+        "above, e.g. 'k=16' 'k=64' 'architecture=jumprelu'. Empty trains one SAE per hook.",
+    )
+    wandb: bool = option(False, "Also log to Weights & Biases (set WANDB_MODE=offline to log locally).")
+
+
+@dataclass
+class L1Config:
+    l1_coef: float = option(5.0, "L1 sparsity coefficient (relu). 5 suits the 2024 form with constant input scaling.")
+    l1_warmup_fraction: float = option(0.05, "Warm the sparsity coefficient up linearly over this fraction of steps.")
+    decoder_norm: str = option(
+        "weighted", "relu decoder: weighted (2024: L1 of a_i*||d_i||, free decoder) or unit (2023: unit-norm rows)."
+    )
+    decoder_init_norm: float = option(0.1, "Initial decoder row norm for the weighted form.")
+    b_dec_init: str = option("zero", "b_dec initialisation: zero or geomedian (geometric median of a sample).")
+    resample_steps: list[int] = option([], "Steps at which to resample dead latents (2023 form), e.g. 25000 50000.")
+    resample_scale: float = option(0.2, "Resampled encoder rows get this times the mean alive encoder norm.")
+
+
+@dataclass
+class JumpReLUConfig:
+    l0_coef: float = option(1.0, "JumpReLU sparsity coefficient (sweep it to reach the L0 you want).")
+    theta_init: float = option(0.001, "Initial threshold.")
+    bandwidth: float = option(0.001, "Straight-through estimator bandwidth epsilon (match it to the input scale).")
+    sparsity_mode: str = option("step", "step (L0 via the STE), tanh (Anthropic 2025) or target (toward --target-l0).")
+    tanh_c: float = option(4.0, "tanh mode: sum_i tanh(c * a_i * ||d_i||).")
+    preact_coef: float = option(3e-6, "tanh mode: pre-activation loss on latents below threshold.")
+    target_l0: float = option(0.0, "target mode: the L0 to steer toward.")
+    jumprelu_warmup_fraction: float = option(0.1, "Warm the sparsity coefficient up over this fraction of steps.")
+
+
+@dataclass
+class GSAEConfig:
+    gsae_beta: float = option(1.0, "g-SAE: select by z * (1 + beta * |d_i . g|); beta = 0 is TopK.")
+
+
+@dataclass
+class ChoiceConfig:
+    choice_mode: str = option("mutual", "mutual (top k*B of the batch) or feature (each latent takes its top m tokens).")
+    zipf_alpha: float = option(0.0, "Feature choice capacities follow a Zipf law of this exponent; 0 means equal.")
+    zipf_beta: float = option(1.0, "Zipf rank offset: p(r) ~ (r + beta)^-alpha.")
+    zipf_coef: float = option(1 / 32, "aux_zipf loss coefficient for under-used latents.")
+
+
+@dataclass
+class AFAConfig:
+    afa_coef: float = option(1 / 16, "top-AFA: weight of mean (||a|| - ||x||)^2.")
+
+
+@dataclass
+class ThresholdConfig:
+    threshold_family: str = option("soft", "Thresholding operator: soft, hard, half, lq or cel0.")
+    threshold_lambda: float = option(0.1, "Penalty weight lambda of the operator.")
+    threshold_gamma: float = option(0.01, "Step gamma (t = lambda * gamma); CEL0 needs gamma * ||d_i||^2 < 1.")
+    threshold_q: float = option(0.5, "Exponent q of the lq family (0 < q < 1).")
+
+
+SAE_SECTIONS = {
+    "sae": SAEConfig,
+    "aux": AuxConfig,
+    "topk": TopKConfig,
+    "l1": L1Config,
+    "jumprelu": JumpReLUConfig,
+    "gsae": GSAEConfig,
+    "choice": ChoiceConfig,
+    "afa": AFAConfig,
+    "threshold": ThresholdConfig,
+}
+
+
+@dataclass
+class TrainCommand:
+    """`saelab train`: train one or more SAEs from an activation cache or from live harvesting."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
+    topk: TopKConfig = field(default_factory=TopKConfig)
+    l1: L1Config = field(default_factory=L1Config)
+    jumprelu: JumpReLUConfig = field(default_factory=JumpReLUConfig)
+    gsae: GSAEConfig = field(default_factory=GSAEConfig)
+    choice: ChoiceConfig = field(default_factory=ChoiceConfig)
+    afa: AFAConfig = field(default_factory=AFAConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)

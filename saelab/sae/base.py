@@ -1,0 +1,230 @@
+"""The SAE base class: parameters, input normalisation, encode/decode, losses, save-time folding.
+
+A variant is one subclass that sets `architecture`, lists the config `sections` it reads, and implements
+`activate` (the selection / threshold) and, if it has one, `sparsity_loss`. Everything else is shared:
+
+    x (raw activations)                               [batch, d_in]
+      -> normalize:   x_n = x * input_scale  |  per-token layer norm
+      -> encode_pre:  z = (x_n - p * b_dec) @ W_enc + b_enc          [batch, d_sae]
+      -> activate:    a = variant's selection / threshold of z       [batch, d_sae]
+      -> decode:      x_hat_n = a @ W_dec + b_dec                    [batch, d_in]
+      -> denormalize: x_hat (raw space)
+
+Losses are computed in the normalised space, so coefficients do not depend on the model's activation
+scale; `fold()` moves the constant input scale (and, where exact, decoder norms) into the weights, so a
+saved SAE maps raw activations to raw reconstructions with input_scale = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from saelab.config import SAE_SECTIONS, SAEConfig
+from saelab.errors import SaelabError
+from saelab.sae.geometric_median import geometric_median
+
+INPUT_NORMS = ("none", "constant", "layernorm")
+MSE_REDUCTIONS = ("sum", "mean")
+_LAYERNORM_EPS = 1e-5
+
+
+class StepContext(NamedTuple):
+    """What a training step knows beyond the batch.
+
+    sparsity_scale: warmup factor in [0, 1] for sparsity coefficients
+    dead:           [d_sae] bool, latents that have not fired for `dead_tokens` (None: none tracked)
+    grads:          [batch, d_in] d(LM loss)/d(x) in the SAE's normalised space (g-SAE), or None
+    """
+
+    sparsity_scale: float = 1.0
+    dead: torch.Tensor | None = None
+    grads: torch.Tensor | None = None
+
+
+class LossOutput(NamedTuple):
+    loss: torch.Tensor  # scalar to minimise
+    terms: dict[str, torch.Tensor]  # named scalar parts (detached), e.g. {"mse": ..., "auxk": ...}
+    acts: torch.Tensor  # [batch, d_sae] the code
+    x_hat: torch.Tensor  # [batch, d_in] reconstruction, normalised space
+
+
+class SAE(nn.Module):
+    """Base sparse autoencoder. Subclasses implement `activate` (and usually `sparsity_loss`)."""
+
+    architecture: ClassVar[str] = ""
+    sections: ClassVar[tuple[str, ...]] = ()  # config sections (besides `sae`) this variant reads
+    unit_norm_decoder: ClassVar[bool] = True  # keep decoder rows at unit norm during training
+    decoder_norm_foldable: ClassVar[bool] = False  # fold ||d_i|| into the encoder at save (exact for ReLU/JumpReLU)
+    signed: ClassVar[bool] = False  # codes may be negative (AbsTopK): statistics count a != 0
+    default_lr: ClassVar[float] = 2e-4  # scaled by (d_sae / 2**14) ** -0.5 when --lr is 0
+
+    def __init__(self, d_in: int, cfg: SAEConfig, options: dict[str, Any] | None = None, metadata: dict | None = None):
+        super().__init__()
+        if cfg.input_norm not in INPUT_NORMS:
+            raise SaelabError(f"Unknown --input-norm '{cfg.input_norm}'; use one of {', '.join(INPUT_NORMS)}.")
+        if cfg.mse_reduction not in MSE_REDUCTIONS:
+            raise SaelabError(f"Unknown --mse-reduction '{cfg.mse_reduction}'; use sum or mean.")
+        d_sae = cfg.d_sae or cfg.expansion * d_in
+        if d_in <= 0 or d_sae <= 0:
+            raise SaelabError(f"SAE sizes must be positive (d_in={d_in}, d_sae={d_sae}).")
+        self.cfg = dataclasses.replace(cfg, d_sae=d_sae)
+        self.d_in, self.d_sae = d_in, d_sae
+        options = options or {}
+        self.options = {name: options.get(name) or SAE_SECTIONS[name]() for name in self.sections}
+        self.metadata = dict(metadata or {})  # hook, model, trained tokens...: informational, saved in cfg.json
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.validate()
+        self.reset_parameters()
+
+    # -- construction -----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise a SaelabError for option values this variant cannot use. Extended by subclasses."""
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Tied init: random unit-norm decoder rows, W_enc = W_dec^T, zero biases."""
+        with torch.no_grad():
+            self.W_dec.copy_(torch.randn(self.d_sae, self.d_in, generator=generator))
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+            self.W_enc.copy_(self.W_dec.T)
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    def option(self, section: str) -> Any:
+        return self.options[section]
+
+    @torch.no_grad()
+    def initialize_from_data(self, x_n: torch.Tensor) -> None:
+        """Data-dependent init from a sample [n, d_in] in the normalised space (before training).
+        Default: b_dec = geometric median of the sample (OpenAI TopK's b_pre; Bricken 2023)."""
+        self.b_dec.copy_(geometric_median(x_n).to(self.b_dec))
+
+    def sparsity_warmup_fraction(self) -> float:
+        """Fraction of training over which the trainer ramps ctx.sparsity_scale from 0 to 1."""
+        return 0.0
+
+    # -- the map -----------------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Raw x [batch, d_in] -> (x in the SAE's space, what `denormalize` needs)."""
+        if self.cfg.input_norm == "layernorm":
+            mean = x.mean(dim=-1, keepdim=True)
+            std = x.std(dim=-1, keepdim=True, unbiased=False) + _LAYERNORM_EPS
+            return (x - mean) / std, (mean, std)
+        return x * self.input_scale, None
+
+    def denormalize(self, x_hat: torch.Tensor, stats: Any) -> torch.Tensor:
+        if self.cfg.input_norm == "layernorm":
+            mean, std = stats
+            return x_hat * std + mean
+        return x_hat / self.input_scale
+
+    def encode_pre(self, x_n: torch.Tensor) -> torch.Tensor:
+        """[batch, d_in] (normalised) -> pre-activations z [batch, d_sae]."""
+        if self.cfg.pre_enc_bias:
+            x_n = x_n - self.b_dec
+        return x_n @ self.W_enc + self.b_enc
+
+    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        """z [batch, d_sae] -> code a [batch, d_sae]. ctx is None at inference (use inference thresholds)."""
+        raise NotImplementedError
+
+    def decode(self, a: torch.Tensor) -> torch.Tensor:
+        """a [batch, d_sae] -> reconstruction [batch, d_in] in the normalised space."""
+        return a @ self.W_dec + self.b_dec
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations [..., d_in] -> code [..., d_sae] (inference)."""
+        flat = x.reshape(-1, self.d_in)
+        x_n, _ = self.normalize(flat)
+        return self.activate(self.encode_pre(x_n)).reshape(*x.shape[:-1], self.d_sae)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations [..., d_in] -> raw reconstruction [..., d_in] (inference)."""
+        flat = x.reshape(-1, self.d_in)
+        x_n, stats = self.normalize(flat)
+        x_hat = self.decode(self.activate(self.encode_pre(x_n)))
+        return self.denormalize(x_hat, stats).reshape(x.shape)
+
+    # -- training ----------------------------------------------------------------------------------
+    def reconstruction_loss(self, x_n: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """Squared error summed (or averaged, per --mse-reduction) over d_in, averaged over tokens."""
+        squared = (x_hat - x_n).pow(2)
+        return squared.sum(-1).mean() if self.cfg.mse_reduction == "sum" else squared.mean()
+
+    def sparsity_loss(
+        self, x_n: torch.Tensor, z: torch.Tensor, a: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        """Named loss terms besides reconstruction (already weighted by their coefficients)."""
+        return {}
+
+    def training_loss(self, x_n: torch.Tensor, ctx: StepContext) -> LossOutput:
+        """x_n [batch, d_in] in the normalised space -> loss and its parts."""
+        z = self.encode_pre(x_n)
+        a = self.activate(z, ctx)
+        x_hat = self.decode(a)
+        terms = {"mse": self.reconstruction_loss(x_n, x_hat)}
+        terms.update(self.sparsity_loss(x_n, z, a, x_hat, ctx))
+        loss = sum(terms.values())
+        return LossOutput(loss, {k: v.detach() for k, v in terms.items()}, a, x_hat)
+
+    def update_inference_state(self, z: torch.Tensor, a: torch.Tensor) -> None:
+        """After each training step (no grad): e.g. running thresholds of batch-level variants."""
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Unit-norm decoders: project out the gradient component parallel to each row (after backward)."""
+        if not self.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+        self.W_dec.grad -= (self.W_dec.grad * unit).sum(dim=1, keepdim=True) * unit
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Unit-norm decoders: rescale rows to norm 1 (after the optimiser step)."""
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+
+    # -- saving ------------------------------------------------------------------------------------
+    def scale_latents(self, scale: torch.Tensor) -> None:
+        """Latent i's pre-activation is being multiplied by scale[i] [d_sae]: rescale per-latent state
+        that lives in z units (e.g. JumpReLU thresholds). Extended by subclasses."""
+
+    @torch.no_grad()
+    def fold(self) -> SAE:
+        """Fold the constant input scale (always exact) and decoder norms (where exact) into the weights."""
+        c = self.input_scale.clone()
+        if self.cfg.input_norm == "constant" and c != 1:
+            self.W_enc *= c
+            self.W_dec /= c
+            self.b_dec /= c
+            self.input_scale.fill_(1.0)
+            self.metadata["folded_input_scale"] = float(c)
+        if self.decoder_norm_foldable:
+            norms = self.W_dec.norm(dim=1)
+            self.W_enc *= norms
+            self.b_enc *= norms
+            self.W_dec /= norms[:, None]
+            self.scale_latents(norms)
+        return self
+
+    def config_dict(self) -> dict[str, Any]:
+        """What cfg.json holds: enough to rebuild this SAE (with `saelab.sae.load`)."""
+        return {
+            "architecture": self.architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "sae": dataclasses.asdict(self.cfg),
+            **{name: dataclasses.asdict(opt) for name, opt in self.options.items()},
+            "metadata": self.metadata,
+        }
+
+    def default_learning_rate(self) -> float:
+        return self.default_lr * math.sqrt(2**14 / self.d_sae)

@@ -1,0 +1,88 @@
+"""Save and load SAEs: a folder with `sae.safetensors` and `cfg.json`.
+
+`save_sae` folds a copy first (constant input scale and, where exact, decoder norms go into the weights),
+so a saved SAE maps raw activations to raw reconstructions. `load_sae` also reads SAELens folders
+(`cfg.json` + `sae_weights.safetensors`); see saelab.sae.saelens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from saelab import __version__
+from saelab.config import SAE_SECTIONS, SAEConfig
+from saelab.errors import SaelabError
+from saelab.sae.base import SAE
+from saelab.sae.registry import create_sae
+
+WEIGHTS = "sae.safetensors"
+CONFIG = "cfg.json"
+
+
+def write_folder_atomic(folder: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (name -> bytes) into `folder` via a sibling temp folder and a rename."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_sae(sae: SAE, folder: str | Path, fold: bool = True) -> Path:
+    """Write `sae` (folded copy unless fold=False) to `folder`; returns the folder."""
+    folder = Path(folder)
+    saved = copy.deepcopy(sae).fold() if fold else sae
+    config = {"saelab_version": __version__, **saved.config_dict()}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / WEIGHTS
+        save_file({k: v.detach().contiguous().cpu() for k, v in saved.state_dict().items()}, str(weights))
+        write_folder_atomic(folder, {WEIGHTS: weights.read_bytes(), CONFIG: json.dumps(config, indent=2).encode()})
+    return folder
+
+
+def sae_from_config(config: dict) -> SAE:
+    """An (unloaded) SAE built from a cfg.json dict."""
+    try:
+        sae_cfg = SAEConfig(**config["sae"])
+        options = {name: SAE_SECTIONS[name](**config[name]) for name in config if name in SAE_SECTIONS and name != "sae"}
+        return create_sae(config["d_in"], sae_cfg, options, config.get("metadata"))
+    except (KeyError, TypeError) as exc:
+        raise SaelabError(f"cfg.json is not a saelab SAE config ({exc}).") from exc
+
+
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load a saelab SAE folder, or a SAELens one (cfg.json + sae_weights.safetensors)."""
+    folder = Path(folder)
+    if (folder / "sae_weights.safetensors").is_file():
+        from saelab.sae.saelens import load_saelens
+
+        return load_saelens(folder, device=device)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise SaelabError(
+            f"{folder} is not an SAE folder (needs {CONFIG} with {WEIGHTS}, or SAELens' sae_weights.safetensors)."
+        )
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        state = load_file(str(folder / WEIGHTS))
+    except (json.JSONDecodeError, SafetensorError, OSError) as exc:
+        raise SaelabError(f"The SAE in {folder} is corrupt ({exc}). Re-save or retrain it.") from exc
+    sae = sae_from_config(config)
+    try:
+        sae.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SaelabError(f"The weights in {folder / WEIGHTS} do not match its {CONFIG} ({exc}).") from exc
+    return sae.to(device)

@@ -1,0 +1,30 @@
+"""One training step, as a plain function: the unit the trainer loops over and tests call directly."""
+
+from __future__ import annotations
+
+import torch
+
+from saelab.sae.base import SAE, LossOutput, StepContext
+
+
+def train_step(
+    sae: SAE, optimizer: torch.optim.Optimizer, x_n: torch.Tensor, ctx: StepContext, grad_clip: float = 0.0
+) -> LossOutput:
+    """Forward, backward, decoder-constraint projection, clipping, optimiser step, renormalisation.
+
+    x_n: [batch, d_in] activations already in the SAE's normalised space (`sae.normalize(x)[0]`).
+    Returns the step's LossOutput (loss and detached terms, the code and reconstruction).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    out = sae.training_loss(x_n, ctx)
+    if not torch.isfinite(out.loss):
+        return out  # the caller decides (the trainer stops with a checkpoint); no update from a bad loss
+    out.loss.backward()
+    sae.remove_parallel_decoder_grad()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+    optimizer.step()
+    sae.normalize_decoder()
+    with torch.no_grad():
+        sae.update_inference_state(sae.encode_pre(x_n), out.acts.detach())
+    return out
