@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from saelab.config import CacheCommand, ModelConfig, add_arguments, from_args
+from saelab.config import CacheCommand, ModelConfig, TrainCommand, add_arguments, from_args
 from saelab.errors import SaelabError
 
 
@@ -16,6 +16,15 @@ def _cache(args: argparse.Namespace) -> None:
     config = from_args(CacheCommand, args)
     cache = build_cache(config, progress=not args.quiet)
     print(cache.summary())
+
+
+def _train(args: argparse.Namespace) -> None:
+    from saelab.train.trainer import train
+
+    config = from_args(TrainCommand, args)
+    for folder in train(config, progress=not args.quiet):
+        print(f"saved SAE: {folder}")
+    print(f"metrics: {config.train.out}/metrics.jsonl, curves: {config.train.out}/training_curves.html")
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -54,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(cache, CacheCommand)
     cache.add_argument("--quiet", action="store_true", help="No progress bar.")
     cache.set_defaults(run=_cache)
+
+    train = commands.add_parser(
+        "train",
+        help="Train SAEs (TopK on the embedded default with no arguments).",
+        description="Train one SAE per hook (or per --sweep entry) from an activation cache, building the cache "
+        "first if it does not exist. Ctrl-C writes a checkpoint; --resume continues it to the same result.",
+    )
+    add_arguments(train, TrainCommand)
+    train.add_argument("--quiet", action="store_true", help="No progress bars.")
+    train.set_defaults(run=_train)
 
     info = commands.add_parser("info", help="Summarise an activation cache.", description="Summarise a cache folder.")
     info.add_argument("path", help="Cache folder (holds manifest.json).")

@@ -225,7 +225,9 @@ class SAEConfig:
 class AuxConfig:
     k_aux: int = option(512, "AuxK: top-k_aux dead latents reconstruct the residual; 0 means d_in // 2.")
     aux_coef: float = option(1 / 32, "AuxK loss coefficient (OpenAI: 1/32).")
-    dead_tokens: int = option(10_000_000, "A latent is dead after this many tokens without firing.")
+    dead_tokens: int = option(
+        1_000_000, "A latent is dead after this many tokens without firing (about 2000x a k/d_sae latent's mean gap)."
+    )
 
 
 @dataclass
@@ -240,11 +242,17 @@ class TopKConfig:
 
 @dataclass
 class TrainConfig:
-    cache: str = option("", "Train from this activation cache folder; empty means harvest live from --model.")
+    cache: str = option(
+        "runs/cache",
+        "Activation cache to train from; built first from --model/--corpus/--hooks if it does not exist (resumable). "
+        "'none' harvests live with a shuffle buffer instead (nothing written; resuming replays the harvest).",
+    )
+    cache_tokens: int = option(500_000, "Tokens to harvest when building the cache (training loops over it).")
     out: str = option("runs/sae", "Output folder: one subfolder per trained SAE, plus logs and checkpoints.")
-    train_tokens: int = option(2_000_000, "Tokens to train on (per SAE).")
+    train_tokens: int = option(1_000_000, "Tokens to train on (per SAE).")
     batch_size: int = option(4096, "Tokens per optimiser step.")
-    lr: float = option(0.0, "Adam learning rate; 0 means the variant's default (e.g. 2e-4 * (d_sae / 2^14)^-0.5 for TopK).")
+    lr: float = option(0.0, "Adam learning rate; 0 means the variant's default (TopK: 2e-4 * (d_sae / 2^14)^-0.5).")
+    init_tokens: int = option(65_536, "Tokens sampled before training for the input scale and the b_dec init.")
     adam_beta1: float = option(0.9, "Adam beta1.")
     adam_beta2: float = option(0.999, "Adam beta2.")
     lr_warmup_steps: int = option(100, "Linear learning-rate warmup steps.")

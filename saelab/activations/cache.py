@@ -375,21 +375,23 @@ class ActivationCache:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        start: int = 0,
     ) -> Iterator[ActivationBatch]:
         """One epoch of batches. Shuffled: a fresh permutation of all tokens per (seed, epoch), so every token is
         visited exactly once and batches mix contexts from all shards. Rank r of world_size gets every
-        world_size-th batch (disjoint parts, for data-parallel training). Tokens inside a batch come sorted by
-        storage position (cheaper to read; a batch is a set to the trainer)."""
+        world_size-th batch (disjoint parts, for data-parallel training). `start` skips that many batches
+        without reading them (resuming). Tokens inside a batch come sorted by storage position (cheaper to
+        read; a batch is a set to the trainer)."""
         order = torch.arange(self.n_tokens)
         if shuffle:
             order = torch.randperm(self.n_tokens, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
             full = self.n_tokens // batch_size * batch_size  # sort each batch's indices in one vectorised call
             order[:full] = order[:full].view(-1, batch_size).sort(dim=1).values.flatten()
             order[full:] = order[full:].sort().values
-        for number, start in enumerate(range(0, self.n_tokens, batch_size)):
-            if number % world_size != rank:
+        for number, first in enumerate(range(0, self.n_tokens, batch_size)):
+            if number < start or number % world_size != rank:
                 continue
-            index = order[start : start + batch_size]
+            index = order[first : first + batch_size]
             if drop_last and len(index) < batch_size:
                 return
             yield self.read(index, hooks=hooks, grads=grads)

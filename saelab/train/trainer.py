@@ -1,0 +1,362 @@
+"""The training loop: several SAEs (hooks x sweep entries) from one activation stream.
+
+    runs   = plan_runs(cmd, dims)           # one Run per (hook, sweep entry): SAE + Adam + dead-latent counters
+    stream = open_stream(cmd, ...)          # cache (built if missing) or live harvest, reproducible by step
+    for step, batch in stream:              # every run takes its hook's activations from the same batch
+        run.step(batch, step)               # train_step: loss, backward, clip, Adam, decoder renormalisation
+
+Checkpoints (`checkpoint.pt`, written atomically every --checkpoint-every steps, on Ctrl-C and on a NaN loss)
+hold every run's SAE, optimiser and counters; `--resume` continues from one to the same result as an
+uninterrupted run. Metrics go to `metrics.jsonl` (and wandb if asked); at the end each SAE is saved, folded,
+to `<out>/<run name>/` with `sae.safetensors` + `cfg.json`, and `training_curves.html` plots the logs.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import re
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from saelab.activations import ActivationBatch
+from saelab.activations.cache import write_atomic
+from saelab.config import SAE_SECTIONS, TrainCommand, TrainConfig, to_dict
+from saelab.errors import SaelabError
+from saelab.sae.base import SAE, StepContext
+from saelab.sae.io import save_sae
+from saelab.sae.registry import create_sae, sae_class
+from saelab.train.step import train_step
+from saelab.train.stream import open_stream
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+_PER_RUN_TRAIN_OPTIONS = ("lr", "adam_beta1", "adam_beta2", "grad_clip", "lr_warmup_steps", "lr_decay_fraction")
+# Options that do not change what is computed; a resumed run may differ in these.
+_RESUME_FREE = {("train", "resume"), ("train", "log_every"), ("train", "checkpoint_every"), ("train", "wandb"),
+                ("model", "device"), ("harvest", "batch_contexts")}
+
+
+@dataclass
+class RunSpec:
+    """One SAE to train: which hook, its SAE sections, and its optimiser settings."""
+
+    name: str
+    hook: str
+    sections: dict[str, Any]  # section name -> config dataclass (sae, aux, topk, ...)
+    train: TrainConfig
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+def _option_owner(cmd: TrainCommand, key: str) -> tuple[str, type]:
+    for name in SAE_SECTIONS:
+        section = getattr(cmd, name)
+        hints = typing.get_type_hints(type(section))
+        if key in hints:
+            return name, hints[key]
+    if key in _PER_RUN_TRAIN_OPTIONS:
+        return "train", typing.get_type_hints(TrainConfig)[key]
+    raise SaelabError(
+        f"Sweep option '{key}' is not an SAE or per-run training option. Use names like k, architecture, l1_coef, "
+        f"{', '.join(_PER_RUN_TRAIN_OPTIONS)}."
+    )
+
+
+def parse_sweep_entry(cmd: TrainCommand, entry: str) -> dict[str, tuple[str, str, Any]]:
+    """'k=16,architecture=jumprelu' -> {key: (section, raw text, typed value)}."""
+    parsed = {}
+    for item in filter(None, (part.strip() for part in entry.split(","))):
+        if "=" not in item:
+            raise SaelabError(f"Sweep entry '{entry}': '{item}' is not key=value (e.g. 'k=16,architecture=topk').")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        section, tp = _option_owner(cmd, key.replace("-", "_"))
+        origin = typing.get_origin(tp)
+        try:
+            if tp is bool:
+                value: Any = raw.lower() in ("1", "true", "yes", "on")
+            elif origin is list:
+                value = [typing.get_args(tp)[0](v) for v in raw.split()]
+            else:
+                value = tp(raw)
+        except ValueError as exc:
+            raise SaelabError(f"Sweep entry '{entry}': {key}={raw!r} is not a valid {tp.__name__}.") from exc
+        parsed[key.replace("-", "_")] = (section, raw, value)
+    return parsed
+
+
+def plan_runs(cmd: TrainCommand) -> list[RunSpec]:
+    """One run per (hook, sweep entry); no sweep means one run per hook."""
+    entries = cmd.train.sweep or [""]
+    runs = []
+    for hook in cmd.harvest.hooks:
+        for entry in entries:
+            parsed = parse_sweep_entry(cmd, entry)
+            sections = {name: copy.deepcopy(getattr(cmd, name)) for name in SAE_SECTIONS}
+            train = copy.deepcopy(cmd.train)
+            for key, (section, _, value) in parsed.items():
+                setattr(train if section == "train" else sections[section], key, value)
+            sae_class(sections["sae"].architecture)  # unknown architecture: fail before any work
+            suffix = "__" + "_".join(f"{k}={raw}" for k, (_, raw, _) in parsed.items()) if parsed else ""
+            name = re.sub(r"[^A-Za-z0-9_.=-]", "-", hook + suffix)
+            runs.append(RunSpec(name, hook, sections, train, {k: raw for k, (_, raw, _) in parsed.items()}))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise SaelabError(f"Two runs would share a name ({names}); make the sweep entries differ.")
+    return runs
+
+
+def learning_rate(base: float, step: int, total: int, warmup: int, decay_fraction: float) -> float:
+    """Linear warmup over `warmup` steps, constant, then linear decay to 0 over the last decay_fraction."""
+    factor = min(1.0, (step + 1) / max(1, warmup))
+    decay_start = total * (1 - decay_fraction)
+    if decay_fraction > 0 and step >= decay_start:
+        factor *= max(0.0, (total - step) / (total * decay_fraction))
+    return base * factor
+
+
+class Run:
+    """One SAE in training: the model, its Adam, and how many tokens each latent has gone without firing."""
+
+    def __init__(self, spec: RunSpec, d_in: int, metadata: dict, seed: int):
+        self.spec = spec
+        options = {name: spec.sections[name] for name in SAE_SECTIONS if name != "sae"}
+        with torch.random.fork_rng():  # the init is a function of --seed alone (same for every sweep entry)
+            torch.manual_seed(seed)
+            self.sae: SAE = create_sae(d_in, spec.sections["sae"], options, {"hook": spec.hook, **metadata})
+        self.lr = spec.train.lr or self.sae.default_learning_rate()
+        self.optimizer = torch.optim.Adam(
+            self.sae.parameters(), lr=self.lr, betas=(spec.train.adam_beta1, spec.train.adam_beta2)
+        )
+        self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long)
+        self.dead_tokens = spec.sections["aux"].dead_tokens
+        self.needs_grads = self.sae.architecture == "gsae"
+
+    @torch.no_grad()
+    def initialize(self, sample: ActivationBatch) -> None:
+        """Input scale c = sqrt(d_in) / E||x|| (constant mode) and the variant's data-dependent init."""
+        x = sample.acts[self.spec.hook].float()
+        if self.sae.cfg.input_norm == "constant":
+            self.sae.input_scale.fill_(math.sqrt(self.sae.d_in) / x.norm(dim=1).mean().clamp_min(1e-12))
+        x_n, _ = self.sae.normalize(x)
+        self.sae.initialize_from_data(x_n[:32_768])
+
+    def step(self, batch: ActivationBatch, step: int, total: int, log: bool) -> dict[str, float] | None:
+        """One optimiser step on this run's hook; returns metrics when `log`. Raises _NonFinite on a NaN loss."""
+        train = self.spec.train
+        lr = learning_rate(self.lr, step, total, train.lr_warmup_steps, train.lr_decay_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x = batch.acts[self.spec.hook].float()
+        x_n, stats = self.sae.normalize(x)
+        grads = None
+        if self.needs_grads and batch.grads is not None:
+            g = batch.grads[self.spec.hook].float()
+            # chain rule through x_n = c x (constant) or (x - mu) / sigma (layer norm, first order): g_n = g / c or g * sigma
+            grads = g * stats[1] if self.sae.cfg.input_norm == "layernorm" else g / self.sae.input_scale
+        warmup = self.sae.sparsity_warmup_fraction() * total
+        ctx = StepContext(
+            sparsity_scale=min(1.0, step / warmup) if warmup > 0 else 1.0,
+            dead=self.since_fired >= self.dead_tokens,
+            grads=grads,
+        )
+        out = train_step(self.sae, self.optimizer, x_n, ctx, train.grad_clip)
+        if not torch.isfinite(out.loss):
+            raise _NonFinite(self.spec.name, step)
+        with torch.no_grad():
+            fired = (out.acts != 0).any(dim=0)
+            self.since_fired += len(x)
+            self.since_fired[fired] = 0
+            if not log:
+                return None
+            x_hat = self.sae.denormalize(out.x_hat, stats)
+            fvu = (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+            return {
+                "loss": float(out.loss),
+                **{k: float(v) for k, v in out.terms.items()},
+                "fvu": float(fvu),
+                "l0": float((out.acts != 0).sum(dim=1).float().mean()),
+                "dead_fraction": float((self.since_fired >= self.dead_tokens).float().mean()),
+                "lr": lr,
+            }
+
+    def state(self) -> dict[str, Any]:
+        return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "since_fired": self.since_fired, "metadata": self.sae.metadata, "d_in": self.sae.d_in}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state["d_in"] != self.sae.d_in:
+            raise SaelabError(
+                f"Run {self.spec.name}: the checkpoint's SAE has d_in={state['d_in']} but the activations have "
+                f"d_in={self.sae.d_in}. Resume with the same cache and hooks, or start a new --out."
+            )
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.since_fired = state["since_fired"]
+        self.sae.metadata = state["metadata"]
+
+
+class _NonFinite(Exception):
+    def __init__(self, run: str, step: int):
+        super().__init__(run, step)
+        self.run, self.step = run, step
+
+
+def _resume_identity(cmd: TrainCommand) -> dict[str, Any]:
+    full = to_dict(cmd)
+    return {s: {k: v for k, v in opts.items() if (s, k) not in _RESUME_FREE} for s, opts in full.items()}
+
+
+class Trainer:
+    """Trains every planned run from one stream. `fit()` returns the folders of the saved SAEs."""
+
+    def __init__(self, cmd: TrainCommand, model=None, progress: bool = True):
+        self.cmd, self.progress = cmd, progress
+        self.out = Path(cmd.train.out)
+        self.specs = plan_runs(cmd)
+        self.total_steps = cmd.train.train_tokens // cmd.train.batch_size
+        if self.total_steps < 1:
+            raise SaelabError(f"--train-tokens ({cmd.train.train_tokens}) is less than one batch ({cmd.train.batch_size}).")
+        checkpoint = self.out / CHECKPOINT
+        if checkpoint.exists() and not cmd.train.resume:
+            raise SaelabError(
+                f"{self.out} already holds a training checkpoint. Pass --resume to continue it, or choose another --out."
+            )
+        if cmd.train.resume and not checkpoint.exists():
+            raise SaelabError(f"Nothing to resume: {checkpoint} does not exist. Drop --resume to start a new run.")
+        need_grads = any(spec.sections["sae"].architecture == "gsae" for spec in self.specs)
+        hooks = list(dict.fromkeys(spec.hook for spec in self.specs))
+        self.stream = open_stream(cmd, hooks, need_grads, model=model, progress=progress)
+        metadata = {"model": cmd.model.model, "source": self.stream.description}
+        self.runs = [Run(spec, self.stream.dims[spec.hook], metadata, cmd.data.seed) for spec in self.specs]
+        self.start_step = 0
+        if cmd.train.resume:
+            self._load_checkpoint(checkpoint)
+        else:
+            sample = self.stream.sample(cmd.train.init_tokens)
+            for run in self.runs:
+                run.initialize(sample)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _save_checkpoint(self, step: int) -> None:
+        buffer = io.BytesIO()
+        torch.save({"step": step, "identity": _resume_identity(self.cmd), "rng": torch.get_rng_state(),
+                    "runs": {run.spec.name: run.state() for run in self.runs}}, buffer)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.out / CHECKPOINT, buffer.getvalue())
+
+    def _load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as exc:  # torch raises several types for a truncated or foreign file
+            raise SaelabError(f"{path} is not a readable saelab checkpoint ({exc}). Start a new --out.") from exc
+        if state["identity"] != _resume_identity(self.cmd):
+            old, new = state["identity"], _resume_identity(self.cmd)
+            diffs = [f"{s}.{k}: checkpoint {old.get(s, {}).get(k)!r}, now {v!r}"
+                     for s, opts in new.items() for k, v in opts.items() if old.get(s, {}).get(k) != v]
+            raise SaelabError(
+                f"The checkpoint in {self.out} comes from another config ({'; '.join(diffs)}). "
+                "Resume with the same options, or choose another --out."
+            )
+        for run in self.runs:
+            run.load_state(state["runs"][run.spec.name])
+        torch.set_rng_state(state["rng"])
+        self.start_step = state["step"]
+        metrics = self.out / METRICS
+        if metrics.exists():  # drop lines logged after the checkpoint, as an uninterrupted run never wrote them
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] < self.start_step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self) -> list[Path]:
+        train = self.cmd.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(to_dict(self.cmd), indent=2))
+        wandb_run = _start_wandb(self.cmd, self.out) if train.wandb else None
+        step = self.start_step
+        bar = tqdm(total=self.total_steps, initial=step, unit="step", desc=f"training {len(self.runs)} SAE(s)",
+                   disable=not self.progress)
+        started = time.time()
+        try:
+            with bar, open(self.out / METRICS, "a") as log:
+                for batch in self.stream.batches(self.start_step):
+                    if step >= self.total_steps:
+                        break
+                    is_log_step = step % train.log_every == 0 or step == self.total_steps - 1
+                    for run in self.runs:
+                        metrics = run.step(batch, step, self.total_steps, is_log_step)
+                        if metrics is not None:
+                            record = {"step": step, "tokens": (step + 1) * train.batch_size, "run": run.spec.name,
+                                      "seconds": round(time.time() - started, 2), **metrics}
+                            log.write(json.dumps(record) + "\n")
+                            if wandb_run is not None:
+                                wandb_run.log({f"{run.spec.name}/{k}": v for k, v in record.items()}, step=step)
+                            bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
+                    step += 1
+                    bar.update(1)
+                    if step % train.checkpoint_every == 0:
+                        log.flush()
+                        self._save_checkpoint(step)
+        except _NonFinite as exc:
+            self._save_checkpoint(exc.step)
+            raise SaelabError(
+                f"The loss of run {exc.run} became NaN/Inf at step {exc.step}; training stopped and a checkpoint of "
+                f"the last good state is in {self.out / CHECKPOINT}. Lower --lr (or check the activations), then "
+                "start again; --resume would continue with the same settings."
+            ) from exc
+        except KeyboardInterrupt:
+            self._save_checkpoint(step)
+            raise
+        self._save_checkpoint(step)
+        if wandb_run is not None:
+            wandb_run.finish()
+        return self._finish(step)
+
+    def _finish(self, step: int) -> list[Path]:
+        folders = []
+        for run in self.runs:
+            run.sae.metadata.update(trained_tokens=step * self.cmd.train.batch_size, run=run.spec.name,
+                                    sweep=run.spec.overrides)
+            folders.append(save_sae(run.sae, self.out / run.spec.name))
+        write_training_curves(self.out / METRICS, self.out / "training_curves.html")
+        return folders
+
+
+def _start_wandb(cmd: TrainCommand, out: Path):
+    try:
+        import wandb
+    except ImportError as exc:
+        raise SaelabError("--wandb needs the wandb package: pip install wandb (WANDB_MODE=offline logs locally).") from exc
+    return wandb.init(project="saelab", dir=str(out), config=to_dict(cmd))
+
+
+def write_training_curves(metrics: Path, html: Path) -> None:
+    """Plot loss, FVU, L0 and dead fraction against tokens for every run (a self-contained plotly page)."""
+    from plotly.subplots import make_subplots
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    panels = ("loss", "fvu", "l0", "dead_fraction")
+    figure = make_subplots(rows=2, cols=2, subplot_titles=panels)
+    for run in dict.fromkeys(r["run"] for r in records):
+        rows = [r for r in records if r["run"] == run]
+        for i, key in enumerate(panels):
+            figure.add_scatter(x=[r["tokens"] for r in rows], y=[r[key] for r in rows], name=run, legendgroup=run,
+                               showlegend=i == 0, row=i // 2 + 1, col=i % 2 + 1)
+    figure.update_xaxes(title_text="tokens")
+    figure.update_layout(title="saelab training curves", height=700)
+    figure.write_html(html, include_plotlyjs=True)
+
+
+def train(cmd: TrainCommand, model=None, progress: bool = True) -> list[Path]:
+    """Train every run of `cmd`; returns the saved SAE folders."""
+    return Trainer(cmd, model=model, progress=progress).fit()
+
+
+__all__ = ["Run", "RunSpec", "Trainer", "learning_rate", "plan_runs", "train", "write_training_curves"]

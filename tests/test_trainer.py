@@ -1,0 +1,143 @@
+import json
+
+import pytest
+import torch
+
+from saelab.activations import ActivationCache
+from saelab.config import CacheConfig, DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainCommand, TrainConfig
+from saelab.errors import SaelabError
+from saelab.sae import load_sae
+from saelab.train.trainer import Run, Trainer, learning_rate, plan_runs
+
+HOOKS = ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"]
+
+
+def command(tmp_path, cache, **train) -> TrainCommand:
+    options = dict(cache=str(cache), out=str(tmp_path / "run"), train_tokens=256 * 30, batch_size=256,
+                   lr=3e-3, lr_warmup_steps=5, log_every=3, checkpoint_every=7, init_tokens=2048)
+    options.update(train)
+    return TrainCommand(
+        model=ModelConfig(model="tiny-native"), data=DataConfig(context_length=32),
+        harvest=HarvestConfig(hooks=HOOKS[:1]), train=TrainConfig(**options),
+        sae=SAEConfig(k=8, expansion=4),
+    )
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_model, cache_config):
+    folder = tmp_path_factory.mktemp("train-cache")
+    config = cache_config(folder, hooks=HOOKS, n_tokens=32 * 160, shard_tokens=32 * 40)
+    from saelab.activations import build_cache
+
+    return build_cache(config, model=tiny_model, progress=False).path
+
+
+def test_learning_rate_schedule():
+    rates = [learning_rate(1.0, s, total=100, warmup=10, decay_fraction=0.2) for s in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == 1.0 and rates[50] == 1.0 and rates[79] == 1.0
+    assert rates[80] == pytest.approx(1.0) and rates[90] == pytest.approx(0.5) and rates[99] == pytest.approx(0.05)
+
+
+def test_runs_are_hooks_times_sweep_entries(tmp_path, cache):
+    cmd = command(tmp_path, cache, sweep=["k=4", "k=16,lr=1e-3"])
+    cmd.harvest.hooks = HOOKS
+    runs = plan_runs(cmd)
+    assert [r.name for r in runs] == [f"{h}__{s}" for h in HOOKS for s in ("k=4", "k=16_lr=1e-3")]
+    assert [r.sections["sae"].k for r in runs] == [4, 16, 4, 16] and runs[1].train.lr == 1e-3
+    assert cmd.sae.k == 8  # the base config is untouched
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [(["kk=3"], "not an SAE or per-run training option"), (["k:3"], "not key=value"),
+     (["k=three"], "not a valid int"), (["architecture=nope"], "Known architectures: .*topk")],
+)
+def test_bad_sweeps_fail_before_any_work(tmp_path, cache, sweep, message):
+    with pytest.raises(SaelabError, match=message):
+        plan_runs(command(tmp_path, cache, sweep=sweep))
+
+
+def test_k_larger_than_the_dictionary_is_refused(tmp_path, cache):
+    cmd = command(tmp_path, cache)
+    cmd.sae.k = 1000
+    with pytest.raises(SaelabError, match="--k must be between 1 and d_sae=256"):
+        Trainer(cmd, progress=False)
+
+
+def test_training_reduces_fvu_and_saves_a_folded_sae_that_works_on_raw_activations(tmp_path, cache):
+    cmd = command(tmp_path, cache, train_tokens=256 * 60, checkpoint_every=100)
+    trainer = Trainer(cmd, progress=False)
+    folders = trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["fvu"] < 0.5 * records[0]["fvu"] and records[-1]["l0"] == 8.0
+    x = ActivationCache(cache).read(torch.arange(500)).acts[HOOKS[0]]
+    saved = load_sae(folders[0])
+    assert saved.input_scale == 1 and saved.metadata["folded_input_scale"] == pytest.approx(
+        float(trainer.runs[0].sae.input_scale))
+    torch.testing.assert_close(saved(x), trainer.runs[0].sae(x), atol=1e-5, rtol=1e-5)
+    assert "plotly" in (tmp_path / "run" / "training_curves.html").read_text()[:100_000]
+
+
+def test_interrupted_training_resumes_to_the_identical_result(tmp_path, cache, monkeypatch):
+    reference = Trainer(command(tmp_path / "a", cache), progress=False)
+    reference.fit()
+    original = Run.step
+
+    def interrupt_at_17(self, batch, step, total, log):
+        if step == 17:
+            raise KeyboardInterrupt
+        return original(self, batch, step, total, log)
+
+    monkeypatch.setattr(Run, "step", interrupt_at_17)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(command(tmp_path / "b", cache), progress=False).fit()
+    monkeypatch.setattr(Run, "step", original)
+    assert torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["step"] == 17
+    with pytest.raises(SaelabError, match="Pass --resume"):
+        Trainer(command(tmp_path / "b", cache), progress=False)
+    resumed = Trainer(command(tmp_path / "b", cache, resume=True), progress=False)
+    assert resumed.start_step == 17
+    resumed.fit()
+    for mine, theirs in zip(resumed.runs[0].sae.state_dict().values(), reference.runs[0].sae.state_dict().values()):
+        assert torch.equal(mine, theirs)
+
+    def strip(path):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
+
+    assert strip(tmp_path / "b" / "run" / "metrics.jsonl") == strip(tmp_path / "a" / "run" / "metrics.jsonl")
+
+
+def test_resume_with_another_config_or_nothing_to_resume(tmp_path, cache):
+    with pytest.raises(SaelabError, match="Nothing to resume"):
+        Trainer(command(tmp_path, cache, resume=True), progress=False)
+    Trainer(command(tmp_path, cache, train_tokens=256 * 8), progress=False).fit()
+    other = command(tmp_path, cache, train_tokens=256 * 8, resume=True)
+    other.sae.k = 4
+    with pytest.raises(SaelabError, match="another config.*sae.k: checkpoint 8, now 4"):
+        Trainer(other, progress=False)
+
+
+def test_nan_loss_stops_with_step_and_a_good_checkpoint(tmp_path, cache, monkeypatch):
+    original = ActivationCache.read
+
+    def poisoned(self, index, hooks=None, grads=False):
+        batch = original(self, index, hooks, grads)
+        if len(index) == 256 and poisoned.calls == 12:
+            batch.acts[HOOKS[0]][3, 0] = float("nan")
+        poisoned.calls += len(index) == 256
+        return batch
+
+    poisoned.calls = 0
+    monkeypatch.setattr(ActivationCache, "read", poisoned)
+    with pytest.raises(SaelabError, match="became NaN/Inf at step 12.*checkpoint of the last good state"):
+        Trainer(command(tmp_path, cache), progress=False).fit()
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 12
+    assert all(torch.isfinite(t).all() for t in state["runs"][HOOKS[0]]["sae"].values())
+
+
+def test_cache_without_the_hook_is_a_clear_error(tmp_path, cache):
+    cmd = command(tmp_path, cache)
+    cmd.harvest.hooks = ["blocks.0.hook_resid_pre"]
+    with pytest.raises(SaelabError, match="has no hook 'blocks.0.hook_resid_pre'; it holds"):
+        Trainer(cmd, progress=False)
