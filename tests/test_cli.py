@@ -46,3 +46,17 @@ def test_bad_input_is_one_sentence_not_a_traceback(tmp_path, capsys, argv, messa
 def test_hooks_lists_names_with_widths(capsys):
     assert main(["hooks", "--model", "tiny-native", "--filter", "blocks.1.attn.hook_z", "--dims"]) == 0
     assert capsys.readouterr().out.strip() == "blocks.1.attn.hook_z  d=64"
+
+
+def test_train_builds_the_cache_then_trains_and_saves(tmp_path, capsys):
+    argv = ["train", "--model", "tiny-native", "--hooks", "blocks.1.hook_resid_post", "--context-length", "32",
+            "--cache", str(tmp_path / "c"), "--cache-tokens", "4096", "--train-tokens", "4096",
+            "--batch-size", "256", "--init-tokens", "1024", "--expansion", "2", "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"saved SAE: {tmp_path / 'r' / 'blocks.1.hook_resid_post'}" in printed
+    assert (tmp_path / "c" / "manifest.json").is_file()
+    assert main(argv) == 2  # a second run into the same --out refuses instead of overwriting
+    assert "Pass --resume" in capsys.readouterr().err
+    assert main([*argv, "--architecture", "nonesuch", "--out", str(tmp_path / "r2")]) == 2
+    assert "Unknown SAE architecture 'nonesuch'. Known architectures:" in capsys.readouterr().err

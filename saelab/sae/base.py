@@ -114,13 +114,14 @@ class SAE(nn.Module):
     # -- the map -----------------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Raw x [batch, d_in] -> (x in the SAE's space, what `denormalize` needs)."""
-        if self.cfg.input_norm == "layernorm":
+        if self.cfg.input_norm == "layernorm":  # OpenAI's and SAELens' convention, so their SAEs load exactly
             mean = x.mean(dim=-1, keepdim=True)
-            std = x.std(dim=-1, keepdim=True, unbiased=False) + _LAYERNORM_EPS
-            return (x - mean) / std, (mean, std)
+            std = x.std(dim=-1, keepdim=True)
+            return (x - mean) / (std + _LAYERNORM_EPS), (mean, std)
         return x * self.input_scale, None
 
     def denormalize(self, x_hat: torch.Tensor, stats: Any) -> torch.Tensor:
+        """Inverse of `normalize` (layer norm: x_hat * std + mean, without eps, as OpenAI and SAELens do)."""
         if self.cfg.input_norm == "layernorm":
             mean, std = stats
             return x_hat * std + mean

@@ -299,10 +299,11 @@ class Trainer:
                             if wandb_run is not None:
                                 wandb_run.log({f"{run.spec.name}/{k}": v for k, v in record.items()}, step=step)
                             bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
+                    if is_log_step:
+                        log.flush()  # so `tail -f metrics.jsonl` shows progress
                     step += 1
                     bar.update(1)
                     if step % train.checkpoint_every == 0:
-                        log.flush()
                         self._save_checkpoint(step)
         except _NonFinite as exc:
             self._save_checkpoint(exc.step)
