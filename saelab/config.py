@@ -236,7 +236,9 @@ class TopKConfig:
         True, "Select latents by z_i * ||d_i|| (SAELens), so decoder-norm drift cannot change the selection."
     )
     threshold_rate: float = option(
-        0.01, "EMA rate of the inference threshold of batch-level variants (batchtopk, mutual/feature choice)."
+        0.01,
+        "EMA rate of the inference threshold of batch-level variants (batchtopk, mutual/feature choice), and of "
+        "choice's running firing frequencies.",
     )
 
 
@@ -255,7 +257,7 @@ class TrainConfig:
     init_tokens: int = option(65_536, "Tokens sampled before training for the input scale and the b_dec init.")
     adam_beta1: float = option(0.9, "Adam beta1.")
     adam_beta2: float = option(0.999, "Adam beta2.")
-    lr_warmup_steps: int = option(100, "Linear learning-rate warmup steps.")
+    lr_warmup_steps: int = option(20, "Linear learning-rate warmup steps.")
     lr_decay_fraction: float = option(0.2, "Decay the learning rate linearly to 0 over this final fraction of steps.")
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0 disables).")
     buffer_tokens: int = option(262_144, "Shuffle-buffer size for live harvesting (tokens).")
@@ -297,14 +299,18 @@ class JumpReLUConfig:
 
 @dataclass
 class GSAEConfig:
-    gsae_beta: float = option(1.0, "g-SAE: select by z * (1 + beta * |d_i . g|); beta = 0 is TopK.")
+    gsae_beta: float = option(
+        1.0, "g-SAE: select by z * (1 + beta * |d_i . g|) in training; beta = 0 is TopK, and inference is TopK."
+    )
 
 
 @dataclass
 class ChoiceConfig:
     choice_mode: str = option("mutual", "mutual (top k*B of the batch) or feature (each latent takes its top m tokens).")
-    zipf_alpha: float = option(0.0, "Feature choice capacities follow a Zipf law of this exponent; 0 means equal.")
-    zipf_beta: float = option(1.0, "Zipf rank offset: p(r) ~ (r + beta)^-alpha.")
+    zipf_alpha: float = option(
+        0.0, "Zipf exponent of feature-choice capacities and of the aux_zipf target frequencies; 0 means equal."
+    )
+    zipf_beta: float = option(1.0, "Zipf rank offset: p(r) ~ (r + beta)^-alpha (capacities and aux_zipf target).")
     zipf_coef: float = option(1 / 32, "aux_zipf loss coefficient for under-used latents.")
 
 

@@ -6,11 +6,23 @@ from typing import Any
 
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
+from saelab.sae.abstopk import AbsTopKSAE
 from saelab.sae.base import SAE
+from saelab.sae.batchtopk import BatchTopKSAE
+from saelab.sae.choice import ChoiceSAE
+from saelab.sae.gsae import GradientSAE
+from saelab.sae.jumprelu import JumpReLUSAE
+from saelab.sae.relu import ReLUSAE
 from saelab.sae.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[SAE]] = {
+    ReLUSAE.architecture: ReLUSAE,
     TopKSAE.architecture: TopKSAE,
+    BatchTopKSAE.architecture: BatchTopKSAE,
+    AbsTopKSAE.architecture: AbsTopKSAE,
+    GradientSAE.architecture: GradientSAE,
+    ChoiceSAE.architecture: ChoiceSAE,
+    JumpReLUSAE.architecture: JumpReLUSAE,
 }
 
 

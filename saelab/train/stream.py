@@ -43,9 +43,9 @@ class CacheStream:
         self.dims = {hook: cache.d(hook) for hook in hooks}
         self.description = f"cache {cache.path} ({cache.n_tokens:,} tokens)"
 
-    def sample(self, n: int) -> ActivationBatch:
-        """n tokens drawn uniformly (seeded) from the whole cache, for initialisation."""
-        generator = torch.Generator().manual_seed(self.seed)
+    def sample(self, n: int, draw: int = 0) -> ActivationBatch:
+        """n tokens drawn uniformly from the whole cache (seeded by --seed and `draw`), e.g. for initialisation."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
         index = torch.randperm(self.cache.n_tokens, generator=generator)[: min(n, self.cache.n_tokens)]
         return self.cache.read(index.sort().values, hooks=self.hooks, grads=self.grads)
 
@@ -68,13 +68,14 @@ class LiveStream:
         self.dims = dict(self.source.dims)
         self.description = f"live harvest from {cmd.model.model} over '{cmd.data.corpus}'"
 
-    def _contexts(self) -> Iterator[torch.Tensor]:
-        for cycle in itertools.count():
+    def _contexts(self, first_cycle: int = 0) -> Iterator[torch.Tensor]:
+        for cycle in itertools.count(first_cycle):
             data = dataclasses.replace(self.cmd.data, seed=self.cmd.data.seed + cycle)
             yield from token_contexts(data, self.model.tokenizer)
 
-    def sample(self, n: int) -> ActivationBatch:
-        contexts = itertools.islice(self._contexts(), -(-n // self.cmd.data.context_length))
+    def sample(self, n: int, draw: int = 0) -> ActivationBatch:
+        """About n tokens harvested from the corpus order of cycle `draw` (its first contexts)."""
+        contexts = itertools.islice(self._contexts(first_cycle=draw), -(-n // self.cmd.data.context_length))
         return ActivationBatch.cat(list(self.source.stream(contexts, self.cmd.harvest.batch_contexts)))
 
     def batches(self, start_step: int = 0) -> Iterator[ActivationBatch]:

@@ -34,6 +34,7 @@ from saelab.errors import SaelabError
 from saelab.sae.base import SAE, StepContext
 from saelab.sae.io import save_sae
 from saelab.sae.registry import create_sae, sae_class
+from saelab.train.resample import resample_dead_latents
 from saelab.train.step import train_step
 from saelab.train.stream import open_stream
 
@@ -135,7 +136,7 @@ class Run:
         self.optimizer = torch.optim.Adam(
             self.sae.parameters(), lr=self.lr, betas=(spec.train.adam_beta1, spec.train.adam_beta2)
         )
-        self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long)
+        self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=self.sae.W_dec.device)
         self.dead_tokens = spec.sections["aux"].dead_tokens
         self.needs_grads = self.sae.architecture == "gsae"
 
@@ -187,6 +188,22 @@ class Run:
                 "lr": lr,
             }
 
+    def resample_due(self, steps_done: int) -> bool:
+        """Neuron resampling (2023 ReLU form) is due after this many steps."""
+        return "l1" in self.sae.options and steps_done in self.sae.option("l1").resample_steps
+
+    @torch.no_grad()
+    def resample(self, sample: ActivationBatch, steps_done: int) -> int:
+        """Re-initialise latents dead for dead_tokens from a loss-weighted `sample`; returns how many."""
+        x_n, _ = self.sae.normalize(sample.acts[self.spec.hook].float())
+        losses = (self.sae.decode(self.sae.activate(self.sae.encode_pre(x_n))) - x_n).pow(2).sum(dim=1)
+        dead = self.since_fired >= self.dead_tokens
+        generator = torch.Generator().manual_seed(steps_done)
+        count = resample_dead_latents(self.sae, self.optimizer, dead, x_n, losses,
+                                      self.sae.option("l1").resample_scale, generator)
+        self.since_fired[dead] = 0  # give resampled latents a fresh window
+        return count
+
     def state(self) -> dict[str, Any]:
         return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "since_fired": self.since_fired, "metadata": self.sae.metadata, "d_in": self.sae.d_in}
@@ -199,7 +216,7 @@ class Run:
             )
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.since_fired = state["since_fired"]
+        self.since_fired = state["since_fired"].to(self.sae.W_dec.device)
         self.sae.metadata = state["metadata"]
 
 
@@ -303,6 +320,10 @@ class Trainer:
                         log.flush()  # so `tail -f metrics.jsonl` shows progress
                     step += 1
                     bar.update(1)
+                    for run in self.runs:
+                        if run.resample_due(step):
+                            count = run.resample(self.stream.sample(train.init_tokens, draw=step), step)
+                            bar.write(f"{run.spec.name}: resampled {count} dead latents after step {step}")
                     if step % train.checkpoint_every == 0:
                         self._save_checkpoint(step)
         except _NonFinite as exc:

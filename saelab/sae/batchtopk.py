@@ -1,0 +1,104 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024), and the batch-level pieces mutual choice shares with it.
+
+Training (ctx given): keep the k*B largest selection scores of the whole [B, d_sae] batch,
+
+    S = top_{k*B} of ReLU(s),   s_ti = z_ti * ||d_i||  (rescale_by_decoder_norm)  or  z_ti,
+    a_ti = ReLU(z_ti) on S, 0 elsewhere,
+
+so the per-token L0 varies while its batch mean is k. Gradients reach only the kept entries (plus AuxK).
+
+Inference (ctx None): a batch-independent JumpReLU with one scalar threshold,
+
+    a = z * 1[z > theta],
+
+where theta is a running estimate of the smallest kept activation: after every training step,
+theta <- (1 - eta) * theta + eta * min{a_ti : a_ti > 0} with eta = threshold_rate; the first update sets
+theta directly. theta starts at +inf (nothing fires before the SAE has seen a training batch).
+
+theta lives in z units, as in SAELens `batchtopk_sae.py`: `fold()` leaves z unchanged (the input scale goes
+into W_enc and b_dec), so a saved SAE needs no threshold rescaling. While the decoder rows are unit-norm
+(always, during training) selecting on z * ||d_i|| and on z are the same thing.
+
+Loss: normalised MSE + aux_coef * AuxK, exactly as TopKSAE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saelab.errors import SaelabError
+from saelab.sae.base import StepContext
+from saelab.sae.topk import TopKSAE
+
+
+def batch_topk(values: torch.Tensor, scores: torch.Tensor, k_total: int) -> torch.Tensor:
+    """Keep `values` [batch, n] at the k_total highest `scores` [batch, n] of the whole flattened matrix.
+
+    Returns [batch, n] with exactly min(k_total, batch*n) entries taken from `values` (some may be 0 if the
+    values there are 0) and zeros elsewhere. Gradients flow to the kept entries of `values` only.
+    """
+    flat_scores = scores.reshape(-1)
+    k_total = min(int(k_total), flat_scores.numel())
+    index = flat_scores.topk(k_total, sorted=False).indices
+    flat_values = values.reshape(-1)
+    kept = torch.zeros_like(flat_values).scatter(0, index, flat_values.gather(0, index))
+    return kept.reshape(values.shape)
+
+
+@torch.no_grad()
+def ema_threshold_(threshold: torch.Tensor, observed: torch.Tensor, rate: float) -> None:
+    """In place, elementwise: theta <- (1 - rate) * theta + rate * observed.
+
+    threshold: [] or [n] running thresholds; +inf marks one never updated, which takes `observed` directly.
+    observed:  same shape; +inf (or NaN) marks "no observation this step" and leaves that entry unchanged.
+    """
+    observed = observed.to(threshold)
+    valid = torch.isfinite(observed)
+    fresh = ~torch.isfinite(threshold)
+    blended = (1 - rate) * threshold + rate * observed
+    updated = torch.where(fresh, observed, blended)
+    threshold.copy_(torch.where(valid, updated, threshold))
+
+
+class BatchTopKSAE(TopKSAE):
+    """TopK over the whole batch in training; a scalar-threshold JumpReLU at inference.
+
+    Buffers: threshold [] (z units; +inf until the first training step).
+    """
+
+    architecture = "batchtopk"
+    sections = ("aux", "topk")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("threshold", torch.full(self.threshold_shape(), float("inf")))
+
+    def threshold_shape(self) -> tuple[int, ...]:
+        """Shape of the inference threshold buffer: () for one global threshold."""
+        return ()
+
+    def validate(self) -> None:
+        super().validate()
+        rate = self.option("topk").threshold_rate
+        if not 0 < rate <= 1:
+            raise SaelabError(f"--threshold-rate must be in (0, 1] (got {rate}).")
+
+    def batch_selection(self, z: torch.Tensor, ctx: StepContext | None) -> torch.Tensor:
+        """z [batch, d_sae] -> code keeping the top k*batch entries of ReLU(selection scores) in the batch."""
+        return batch_topk(z.relu(), self.selection_scores(z, ctx).relu(), self.cfg.k * z.shape[0])
+
+    def threshold_activation(self, z: torch.Tensor) -> torch.Tensor:
+        """Inference code a = z * 1[z > theta] for z [batch, d_sae] (theta broadcasts: [] or [d_sae])."""
+        return z * (z > self.threshold).to(z.dtype)
+
+    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        if ctx is None:
+            return self.threshold_activation(z)
+        return self.batch_selection(z, ctx)
+
+    @torch.no_grad()
+    def update_inference_state(self, z: torch.Tensor, a: torch.Tensor) -> None:
+        """theta <- EMA of the smallest positive kept activation in the training code a [batch, d_sae]."""
+        positive = a[a > 0]
+        if positive.numel():
+            ema_threshold_(self.threshold, positive.min(), self.option("topk").threshold_rate)

@@ -1,0 +1,171 @@
+"""Feature Choice and Mutual Choice SAEs (Ayonrinde 2024, arXiv 2411.02124).
+
+Sparsification as allocation: with affinities A = ReLU(S) [B, n] (S the selection scores: z, or z * ||d_i||
+with rescale_by_decoder_norm), choose a mask M in {0,1}^{B x n} maximising <M, A> subject to sum(M) <= kB,
+and set a = M (.) ReLU(z).
+
+- Mutual choice (`choice_mode=mutual`): no row or column limit: the top kB entries of the whole matrix.
+  This is exactly BatchTopK's selection (`batch_topk`, shared with BatchTopKSAE, which this class extends).
+- Feature choice (`choice_mode=feature`): column sums <= m_i: latent i takes its top m_i tokens of the batch.
+  With zipf_alpha = 0 every m_i = kB/n (rounded by largest remainder so that sum m_i = kB); with
+  zipf_alpha > 0 the capacities follow a Zipf law m_(r) ~ (r + zipf_beta)^-zipf_alpha over the latents ranked
+  by running firing frequency (most used first), again summing to kB (each capped at B).
+
+Inference (ctx None): a = z * 1[z > theta], theta a global scalar (mutual) or per-latent [n] (feature),
+running minima of the kept activations as in BatchTopK: theta <- (1 - eta) theta + eta * min(kept a > 0)
+(per column for feature choice; columns with no positive kept value are left as they are), eta =
+threshold_rate, first update sets theta directly, +inf until then.
+
+Loss: normalised MSE + aux_coef * AuxK (dead latents, as TopK) + zipf_coef * aux_zipf (see ChoiceSAE).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saelab.errors import SaelabError
+from saelab.sae.base import StepContext
+from saelab.sae.batchtopk import BatchTopKSAE, ema_threshold_
+
+CHOICE_MODES = ("mutual", "feature")
+
+
+def zipf_weights(n: int, alpha: float, beta: float) -> torch.Tensor:
+    """[n] float64 weights w_r = (r + beta)^-alpha for ranks r = 1..n, normalised to sum to 1."""
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    weights = (ranks + beta) ** -alpha
+    return weights / weights.sum()
+
+
+def zipf_capacities(n: int, total: int, alpha: float, beta: float, cap: int) -> torch.Tensor:
+    """[n] int64 capacities by rank (rank 1 first): total * w_r rounded by largest remainder, capped at `cap`.
+
+    Sums to `total` unless the cap binds (then to less). alpha = 0 gives equal capacities total / n.
+    """
+    real = zipf_weights(n, alpha, beta) * total
+    base = real.floor()
+    short = int(total - base.sum().item())
+    if short > 0:
+        base[torch.argsort(real - base, descending=True, stable=True)[:short]] += 1
+    return base.clamp_max(cap).long()
+
+
+def feature_choice(values: torch.Tensor, scores: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """Keep `values` [B, n] at each column's capacity[i] highest `scores` [B, n]; zeros elsewhere.
+
+    capacity: [n] int64, each <= B. Column i keeps exactly capacity[i] entries (ties broken by topk).
+    """
+    m_max = int(capacity.max()) if capacity.numel() else 0
+    if m_max == 0:
+        return torch.zeros_like(values)
+    index = scores.topk(m_max, dim=0, sorted=True).indices  # [m_max, n], best token first per column
+    keep = torch.arange(m_max, device=values.device)[:, None] < capacity.to(values.device)[None, :]
+    mask = torch.zeros(values.shape, dtype=torch.bool, device=values.device).scatter(0, index, keep)
+    return values * mask.to(values.dtype)
+
+
+class ChoiceSAE(BatchTopKSAE):
+    """Mutual choice (BatchTopK selection) or feature choice (per-latent token budgets), with aux_zipf.
+
+    Buffers: threshold [] (mutual) or [d_sae] (feature), z units, +inf until learnt;
+             feature_freq [d_sae] running firing frequency (fraction of tokens with a != 0);
+             freq_updates [] int64, training steps folded into feature_freq.
+
+    aux_zipf (the "check" item of algorithms.md section 6). The search tool reached the abstract
+    (arXiv 2411.02124 abs/HTML, OpenReview TIjBKgLyPN, the author's blog koayon/blog) and a public copy of the
+    four ICLR 2025 OpenReview reviews, but not the text of section 4, so the equation itself could not be
+    checked. What the sources say:
+    aux_zipf_loss "generalises the aux_k_loss to mitigate dead and underutilised features" (abstract); feature
+    densities are fitted well by a Zipf distribution "except at the lower end", and the paper proposes a
+    definition of "dying" (under-used) features (reviewer 3); a Zipf law also sets the feature-choice
+    capacities (reviewer 4). The closest defensible form, implemented here:
+      - f [d_sae]: running firing frequency, f <- (1 - eta) f + eta * mean_t 1[a_ti != 0] after each step
+        (eta = threshold_rate; first update sets it);
+      - Zipf target by rank: t_(r) = k * (r + zipf_beta)^-zipf_alpha / sum_j (j + zipf_beta)^-zipf_alpha, so
+        sum_i t_i = k = the mean L0; latent i is compared with the target of its own frequency rank r(i);
+      - under-used U = {i : f_i < t_r(i)} minus the dead latents (those are AuxK's): the lower end that falls
+        below the Zipf curve. With zipf_alpha = 0 the target is flat (k / d_sae): U = below-average latents;
+      - aux_zipf = AuxK restricted to U: the top-k_aux ReLU(z) among U reconstruct the detached residual
+        e = x - x_hat, L = ||e - a_U @ W_dec||^2 / ||e - mean(e)||^2 (0 when U is empty or nothing is tracked).
+    Loss = normalised MSE + aux_coef * AuxK(dead) + zipf_coef * aux_zipf(U); zipf_coef = 0 gives plain AuxK,
+    and dead latents (f = 0) are always below target, so the two terms together cover AuxK's set and more.
+    Unsure: whether the paper weights latents by their shortfall (t - f) or uses one loss for dead and
+    dying latents together; this form keeps AuxK's normalisation so zipf_coef is comparable to aux_coef.
+    """
+
+    architecture = "choice"
+    sections = ("aux", "topk", "choice")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("feature_freq", torch.zeros(self.d_sae))
+        self.register_buffer("freq_updates", torch.zeros((), dtype=torch.long))
+
+    def threshold_shape(self) -> tuple[int, ...]:
+        return (self.d_sae,) if self.option("choice").choice_mode == "feature" else ()
+
+    def validate(self) -> None:
+        super().validate()
+        choice = self.option("choice")
+        if choice.choice_mode not in CHOICE_MODES:
+            raise SaelabError(f"Unknown --choice-mode '{choice.choice_mode}'; use mutual or feature.")
+        if choice.zipf_alpha < 0 or choice.zipf_beta <= -1 or choice.zipf_coef < 0:
+            raise SaelabError("--zipf-alpha and --zipf-coef must be >= 0 and --zipf-beta > -1.")
+
+    # -- selection ----------------------------------------------------------------------------------
+    def frequency_ranks(self) -> torch.Tensor:
+        """[d_sae] int64 rank (0 = most frequent) of each latent by running firing frequency (ties: index)."""
+        order = torch.argsort(self.feature_freq, descending=True, stable=True)
+        return torch.empty_like(order).scatter_(0, order, torch.arange(self.d_sae, device=order.device))
+
+    def capacities(self, batch: int) -> torch.Tensor:
+        """[d_sae] int64 token budget m_i of each latent for a batch of `batch` tokens (sum k*batch)."""
+        choice = self.option("choice")
+        by_rank = zipf_capacities(self.d_sae, self.cfg.k * batch, choice.zipf_alpha, choice.zipf_beta, batch)
+        return by_rank.to(self.feature_freq.device)[self.frequency_ranks()]
+
+    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        """z [batch, d_sae] -> a: threshold at inference; mutual or feature choice in training."""
+        if ctx is None:
+            return self.threshold_activation(z)
+        if self.option("choice").choice_mode == "mutual":
+            return self.batch_selection(z, ctx)
+        return feature_choice(z.relu(), self.selection_scores(z, ctx).relu(), self.capacities(z.shape[0]))
+
+    # -- losses -------------------------------------------------------------------------------------
+    def zipf_targets(self) -> torch.Tensor:
+        """[d_sae] target firing frequency of each latent: k * Zipf weight of its frequency rank."""
+        choice = self.option("choice")
+        by_rank = self.cfg.k * zipf_weights(self.d_sae, choice.zipf_alpha, choice.zipf_beta)
+        return by_rank.to(self.feature_freq)[self.frequency_ranks()]
+
+    def underused(self, dead: torch.Tensor | None) -> torch.Tensor:
+        """[d_sae] bool: alive latents firing below their Zipf target (all False before any tracking)."""
+        if int(self.freq_updates) == 0:
+            return torch.zeros(self.d_sae, dtype=torch.bool, device=self.feature_freq.device)
+        below = self.feature_freq < self.zipf_targets()
+        return below if dead is None else below & ~dead.to(below.device)
+
+    def sparsity_loss(self, x_n, z, a, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
+        terms = super().sparsity_loss(x_n, z, a, x_hat, ctx)
+        coef = self.option("choice").zipf_coef
+        if coef > 0:
+            terms["aux_zipf"] = coef * self.auxk_loss(x_n, z, x_hat, self.underused(ctx.dead))
+        return terms
+
+    # -- running state --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_inference_state(self, z: torch.Tensor, a: torch.Tensor) -> None:
+        """Update the inference threshold(s) and the running firing frequency from the training code a."""
+        rate = self.option("topk").threshold_rate
+        if self.option("choice").choice_mode == "mutual":
+            super().update_inference_state(z, a)
+        else:
+            column_min = a.masked_fill(a <= 0, float("inf")).min(dim=0).values  # [d_sae]; inf: none kept
+            ema_threshold_(self.threshold, column_min, rate)
+        fired = (a != 0).to(self.feature_freq).mean(dim=0)
+        if int(self.freq_updates) == 0:
+            self.feature_freq.copy_(fired)
+        else:
+            self.feature_freq.lerp_(fired, rate)
+        self.freq_updates += 1

@@ -1,0 +1,195 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024; Gemma Scope) with straight-through threshold gradients.
+
+activate: a_i = z_i * H(z_i - theta_i), theta = exp(log_threshold) a learnt per-latent threshold [d_sae].
+
+The step H has zero derivative almost everywhere, so theta gets pseudo-derivatives from a kernel density
+estimate: with the rectangle kernel K(u) = 1[|u| < 1/2] and bandwidth eps,
+    da_i/dz_i := H(z_i - theta_i)                     (the true derivative)
+    da_i/dtheta_i := -(theta_i / eps) K((z_i - theta_i) / eps)
+    dH_i/dtheta_i := -(1 / eps) K((z_i - theta_i) / eps)
+    dH_i/dz_i := 0                                    (the L0 term reaches the encoder only through theta)
+Averaged over a batch these estimate d E[a_i]/d theta_i = -theta_i p(theta_i) and d P(z_i > theta_i)/d theta_i
+= -p(theta_i), p the density of z_i. Storing log theta keeps theta > 0; autograd adds the factor theta.
+
+Sparsity (`--sparsity-mode`), lambda = l0_coef * ctx.sparsity_scale:
+    step:   lambda * mean_B sum_i H(z_i - theta_i)                            (the paper's L0)
+    tanh:   lambda * mean_B sum_i tanh(c a_i ||d_i||)                          (Anthropic, January 2025)
+            + preact_coef * mean_B sum_i ReLU(theta_i - z_i) ||d_i||          (on dead latents, see below)
+    target: lambda * (L0 / target_l0 - 1)^2, L0 = mean_B sum_i H(z_i - theta_i) (dictionary_learning)
+Decoder rows are kept at unit norm (Gemma Scope); folding norms at save time also rescales theta.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from saelab.errors import SaelabError
+from saelab.sae.base import SAE, StepContext
+
+SPARSITY_MODES = ("step", "tanh", "target")
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """K(u) = 1[|u| < 1/2], elementwise, in u's dtype."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """a = z * H(z - theta) with the straight-through pseudo-derivatives above.
+
+    z: [batch, d_sae]; theta: [d_sae] (broadcast over the batch; its gradient is summed over the batch).
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad_out * (z > theta).to(z.dtype)
+        grad_theta = -(theta / eps) * rectangle((z - theta) / eps) * grad_out
+        return grad_z, _sum_to(grad_theta, theta.shape), None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(z - theta) = 1[z > theta] with dH/dz := 0 and dH/dtheta := -(1/eps) K((z - theta)/eps).
+
+    z: [batch, d_sae]; theta: [d_sae]; returns [batch, d_sae] of 0/1 in z's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(1.0 / eps) * rectangle((z - theta) / eps) * grad_out
+        return None, _sum_to(grad_theta, theta.shape), None  # None: no gradient to z at all
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast gradient [batch, d_sae] back to the parameter's shape (e.g. [d_sae])."""
+    while grad.ndim > len(shape):
+        grad = grad.sum(dim=0)
+    return grad
+
+
+def jumprelu(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """a = z * 1[z > theta] [batch, d_sae], differentiable in z and (by the STE) theta [d_sae]."""
+    return JumpReLUFunction.apply(z, theta, bandwidth)
+
+
+def step(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """H(z - theta) [batch, d_sae], differentiable (by the STE) in theta only."""
+    return StepFunction.apply(z, theta, bandwidth)
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLU SAE: a = z * H(z - theta) [batch, d_sae] with theta = exp(log_threshold) [d_sae] learnt by STE."""
+
+    architecture = "jumprelu"
+    sections = ("jumprelu",)
+    unit_norm_decoder = True  # Gemma Scope keeps decoder rows at unit norm
+    decoder_norm_foldable = True  # exact: a(s z; s theta) = s a(z; theta) for s > 0, see scale_latents
+    default_lr = 7e-5  # Gemma Scope; not width-scaled, see default_learning_rate
+
+    def _ensure_log_threshold(self) -> None:
+        """Create log_threshold [d_sae] on first use: the base __init__ calls reset_parameters before a
+        subclass __init__ could add parameters."""
+        if "log_threshold" not in self._parameters:
+            self.log_threshold = nn.Parameter(torch.empty(self.d_sae, dtype=self.W_enc.dtype, device=self.W_enc.device))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """theta = exp(log_threshold) [d_sae], always positive."""
+        return self.log_threshold.exp()
+
+    def validate(self) -> None:
+        opt = self.option("jumprelu")
+        if opt.sparsity_mode not in SPARSITY_MODES:
+            raise SaelabError(f"Unknown --sparsity-mode '{opt.sparsity_mode}'; use step, tanh or target.")
+        if opt.l0_coef < 0 or opt.preact_coef < 0 or opt.tanh_c < 0:
+            raise SaelabError("--l0-coef, --preact-coef and --tanh-c must be >= 0; pass non-negative coefficients.")
+        if opt.theta_init <= 0 or opt.bandwidth <= 0:
+            raise SaelabError(
+                f"--theta-init and --bandwidth must be > 0 (got {opt.theta_init}, {opt.bandwidth}); "
+                "Gemma Scope uses 0.001 for both with unit mean-squared-norm inputs."
+            )
+        if opt.sparsity_mode == "target" and opt.target_l0 <= 0:
+            raise SaelabError("--sparsity-mode target needs --target-l0 > 0: set the L0 to steer toward.")
+        if not 0 <= opt.jumprelu_warmup_fraction <= 1:
+            raise SaelabError(
+                f"--jumprelu-warmup-fraction must be between 0 and 1 (got {opt.jumprelu_warmup_fraction}); "
+                "0 disables the warmup."
+            )
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """W_dec [d_sae, d_in] rows He-uniform, U(-b, b) entries, then unit norm (so the bound b drops out);
+        W_enc = W_dec^T; zero biases; log_threshold = log(theta_init) for every latent."""
+        self._ensure_log_threshold()
+        with torch.no_grad():
+            bound = math.sqrt(6.0 / self.d_in)
+            rows = (torch.rand(self.d_sae, self.d_in, generator=generator) * 2 - 1) * bound
+            self.W_dec.copy_(rows / rows.norm(dim=1, keepdim=True))
+            self.W_enc.copy_(self.W_dec.T)
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+            self.log_threshold.fill_(math.log(self.option("jumprelu").theta_init))
+
+    @torch.no_grad()
+    def initialize_from_data(self, x_n: torch.Tensor) -> None:
+        """Gemma Scope starts b_dec at zero: no data-dependent init (x_n [n, d_in] is ignored)."""
+
+    def sparsity_warmup_fraction(self) -> float:
+        return self.option("jumprelu").jumprelu_warmup_fraction
+
+    def default_learning_rate(self) -> float:
+        """7e-5 at any width (Gemma Scope's single learning rate)."""
+        return self.default_lr
+
+    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        """z [batch, d_sae] -> a = z * 1[z > theta] (exact forward; STE backward)."""
+        return jumprelu(z, self.threshold, self.option("jumprelu").bandwidth)
+
+    def sparsity_loss(
+        self, x_n: torch.Tensor, z: torch.Tensor, a: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        """Terms per --sparsity-mode (module docstring); z, a [batch, d_sae].
+
+        step, target -> {"sparsity"}; tanh -> {"sparsity", "preact"} (not "l0": trainers log the L0 count).
+        The tanh mode's pre-activation term pulls z_i up and theta_i down where z_i < theta_i; it covers the
+        latents in ctx.dead when the trainer tracks them (SAELens) and every latent when ctx.dead is None
+        (Anthropic's January 2025 form). Only lambda is warmed up (ctx.sparsity_scale); preact_coef is constant,
+        as in SAELens.
+        """
+        opt = self.option("jumprelu")
+        coef = opt.l0_coef * ctx.sparsity_scale
+        theta = self.threshold
+        if opt.sparsity_mode == "step":
+            l0 = step(z, theta, opt.bandwidth).sum(dim=-1).mean()
+            return {"sparsity": coef * l0}
+        if opt.sparsity_mode == "target":
+            l0 = step(z, theta, opt.bandwidth).sum(dim=-1).mean()
+            return {"sparsity": coef * (l0 / opt.target_l0 - 1).pow(2)}
+        norms = self.W_dec.norm(dim=1)  # [d_sae]
+        tanh_term = torch.tanh(opt.tanh_c * a * norms).sum(dim=-1).mean()
+        gap = (theta - z).relu() * norms  # [batch, d_sae]
+        if ctx.dead is not None:
+            gap = gap * ctx.dead.to(gap.dtype)
+        return {"sparsity": coef * tanh_term, "preact": opt.preact_coef * gap.sum(dim=-1).mean()}
+
+    @torch.no_grad()
+    def scale_latents(self, scale: torch.Tensor) -> None:
+        """z_i is being multiplied by scale[i] > 0 [d_sae]: theta_i <- scale[i] * theta_i keeps a_i / z_i unchanged."""
+        self.log_threshold += scale.to(self.log_threshold).log()

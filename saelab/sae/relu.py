@@ -1,0 +1,99 @@
+"""ReLU SAE with an L1 penalty (Bricken et al. 2023; Anthropic April 2024 update).
+
+activate: a = ReLU(z), z = (x_n - p * b_dec) @ W_enc + b_enc                     [batch, d_sae]
+
+Two forms, chosen by `--decoder-norm` (section `l1`):
+
+- weighted (2024, default): L = recon + lambda * mean_B sum_i a_i * ||d_i||_2. The decoder is unconstrained;
+  weighting the L1 by the row norms stops the model from shrinking codes by growing decoder rows. Init: random
+  decoder rows of norm `decoder_init_norm`, W_enc = W_dec^T, zero biases.
+- unit (2023): L = recon + lambda * mean_B ||a||_1, with decoder rows kept at unit norm by the base class
+  (gradient projection after backward, renormalisation after the step). Init: unit rows, W_enc = W_dec^T.
+
+lambda = l1_coef * ctx.sparsity_scale (the trainer ramps the scale over `l1_warmup_fraction` of training).
+Folding decoder norms into the encoder is exact for ReLU (ReLU(s z) = s ReLU(z) for s > 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from saelab.config import SAEConfig
+from saelab.errors import SaelabError
+from saelab.sae.base import SAE, StepContext
+
+DECODER_NORMS = ("weighted", "unit")
+B_DEC_INITS = ("zero", "geomedian")
+
+
+class ReLUSAE(SAE):
+    """ReLU + L1 SAE. Code a = ReLU(z) [batch, d_sae]; see the module docstring for the two loss forms."""
+
+    architecture = "relu"
+    sections = ("l1",)
+    decoder_norm_foldable = True  # ReLU is positively homogeneous, so folding ||d_i|| is exact
+    default_lr = 5e-5  # SAELens docs for the L1 SAE (16x); not width-scaled, see default_learning_rate
+
+    def __init__(self, d_in: int, cfg: SAEConfig, options: dict[str, Any] | None = None, metadata: dict | None = None):
+        super().__init__(d_in, cfg, options, metadata)
+        # Instance attribute read by the base class hooks: only the 2023 form keeps unit-norm rows.
+        self.unit_norm_decoder = self.option("l1").decoder_norm == "unit"
+
+    def validate(self) -> None:
+        l1 = self.option("l1")
+        if l1.decoder_norm not in DECODER_NORMS:
+            raise SaelabError(
+                f"Unknown --decoder-norm '{l1.decoder_norm}'; use weighted (2024 form) or unit (2023 form)."
+            )
+        if l1.b_dec_init not in B_DEC_INITS:
+            raise SaelabError(f"Unknown --b-dec-init '{l1.b_dec_init}'; use zero or geomedian.")
+        if l1.l1_coef < 0:
+            raise SaelabError(f"--l1-coef must be >= 0 (got {l1.l1_coef}); pass a non-negative coefficient.")
+        if not 0 <= l1.l1_warmup_fraction <= 1:
+            raise SaelabError(
+                f"--l1-warmup-fraction must be between 0 and 1 (got {l1.l1_warmup_fraction}); 0 disables the warmup."
+            )
+        if l1.decoder_init_norm <= 0:
+            raise SaelabError(f"--decoder-init-norm must be > 0 (got {l1.decoder_init_norm}); the 2024 default is 0.1.")
+        if l1.resample_scale < 0 or any(step <= 0 for step in l1.resample_steps):
+            raise SaelabError("--resample-scale must be >= 0 and every --resample-steps entry a positive step number.")
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Tied init: random directions for the rows d_i of W_dec [d_sae, d_in], W_enc = W_dec^T, zero biases.
+        Row norm: `decoder_init_norm` in the weighted form, 1 in the unit form."""
+        super().reset_parameters(generator)
+        if self.option("l1").decoder_norm == "weighted":
+            with torch.no_grad():
+                self.W_dec.mul_(self.option("l1").decoder_init_norm)
+                self.W_enc.copy_(self.W_dec.T)
+
+    @torch.no_grad()
+    def initialize_from_data(self, x_n: torch.Tensor) -> None:
+        """x_n [n, d_in]: b_dec = geometric median of the sample when --b-dec-init geomedian, else keep b_dec = 0."""
+        if self.option("l1").b_dec_init == "geomedian":
+            super().initialize_from_data(x_n)
+
+    def sparsity_warmup_fraction(self) -> float:
+        return self.option("l1").l1_warmup_fraction
+
+    def default_learning_rate(self) -> float:
+        """5e-5 at any width: the published L1 recipe quotes one learning rate, not a width-scaled rule."""
+        return self.default_lr
+
+    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        """z [batch, d_sae] -> a = ReLU(z) [batch, d_sae]."""
+        return z.relu()
+
+    def sparsity_loss(
+        self, x_n: torch.Tensor, z: torch.Tensor, a: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        """{"l1": lambda * mean_B sum_i a_i * w_i} with w_i = ||d_i||_2 (weighted) or 1 (unit); a [batch, d_sae]."""
+        l1 = self.option("l1")
+        coef = l1.l1_coef * ctx.sparsity_scale
+        if l1.decoder_norm == "weighted":
+            per_token = (a * self.W_dec.norm(dim=1)).sum(dim=-1)
+        else:
+            per_token = a.sum(dim=-1)  # ||a||_1 = sum_i a_i since a = ReLU(z) >= 0
+        return {"l1": coef * per_token.mean()}

@@ -1,0 +1,118 @@
+"""AbsTopK SAE (algorithms.md section 3): ||a||_0 = k, oddness, magnitude ordering, signed AuxK, planted
+recovery on signed data, and one latent per signed direction where ReLU-TopK needs two."""
+
+import pytest
+import torch
+
+from saelab.config import AuxConfig, SAEConfig, TopKConfig
+from saelab.sae.abstopk import AbsTopKSAE
+from saelab.sae.base import StepContext
+from saelab.sae.topk import TopKSAE
+from saelab.synthetic import PlantedDictionary, cosine_matrix, mmcs
+from saelab.train.step import train_step
+
+
+def make(cls=AbsTopKSAE, d_in=32, d_sae=192, k=4, seed=1, k_aux=0, aux_coef=1 / 32, **topk):
+    torch.manual_seed(seed)
+    cfg = SAEConfig(architecture=cls.architecture, d_sae=d_sae, k=k, input_norm="none")
+    return cls(d_in, cfg, {"aux": AuxConfig(k_aux=k_aux, aux_coef=aux_coef), "topk": TopKConfig(**topk)})
+
+
+def train_planted(sae, data, steps, lr=3e-3, batch=512):
+    """Adam + train_step on fresh planted batches (one thread: tiny matrices on a shared CPU)."""
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            train_step(sae, opt, data.sample(batch), StepContext())
+    finally:
+        torch.set_num_threads(threads)
+    return sae
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_exactly_k_nonzeros_signs_kept(rescale):
+    sae = make(rescale_by_decoder_norm=rescale)
+    z = torch.randn(64, 192)
+    for ctx in (None, StepContext()):
+        a = sae.activate(z, ctx)
+        assert ((a != 0).sum(dim=1) == 4).all()
+        assert (a < 0).any() and (a > 0).any()  # no ReLU
+        assert torch.equal(a[a != 0], z[a != 0])  # the kept values are z itself
+    assert AbsTopKSAE.signed and not TopKSAE.signed
+
+
+def test_odd_symmetry():
+    sae = make()
+    z = torch.randn(64, 192)
+    assert torch.equal(sae.activate(-z), -sae.activate(z))
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        sae.b_dec.zero_()
+        assert torch.allclose(sae.encode(-x), -sae.encode(x))  # b_enc = 0 at init: the map is odd
+
+
+def test_kept_magnitudes_dominate_dropped_ones():
+    sae = make()
+    z = torch.randn(128, 192)
+    a = sae.activate(z)
+    kept_min = a.abs().masked_fill(a == 0, float("inf")).min(dim=1).values
+    dropped_max = z.abs().masked_fill(a != 0, float("-inf")).max(dim=1).values
+    assert (kept_min >= dropped_max).all()
+
+
+def test_gradient_reaches_selected_entries_only():
+    sae = make(aux_coef=0.0)
+    out = sae.training_loss(torch.randn(3, 32), StepContext())
+    out.loss.backward()
+    selected = (out.acts != 0).any(dim=0)
+    assert (sae.W_enc.grad[:, ~selected] == 0).all()
+    assert (sae.W_enc.grad[:, selected].abs().sum(dim=0) > 0).all()
+
+
+def test_signed_auxk_picks_dead_latents_by_magnitude():
+    sae = make(d_in=8, d_sae=6, k=1, k_aux=2, aux_coef=1.0, rescale_by_decoder_norm=False)
+    z = torch.tensor([[5.0, -3.0, 0.5, 2.0, -0.1, 1.0], [4.0, -2.5, 0.2, 1.5, 0.3, -0.9]], requires_grad=True)
+    dead = torch.tensor([False, True, True, True, True, True])
+    x_n = torch.randn(2, 8)
+    x_hat = sae.decode(sae.activate(z, StepContext(dead=dead))).detach()
+    loss = sae.auxk_loss(x_n, z, x_hat, dead)
+    loss.backward()
+    # top-2 |z| among dead latents: 1 (negative!) and 3, in both rows; latent 0 is alive
+    assert (z.grad[:, [1, 3]] != 0).all()
+    assert (z.grad[:, [0, 2, 4, 5]] == 0).all()
+    touched = sae.W_dec.grad.abs().sum(dim=1) > 0
+    assert touched.tolist() == [False, True, False, True, False, False]
+    assert sae.auxk_loss(x_n, z, x_hat, torch.zeros(6, dtype=torch.bool)) == 0
+
+
+def test_planted_signed_dictionary_recovery():
+    data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0, signed=True)
+    sae = train_planted(make(seed=1), data, steps=600)
+    assert mmcs(sae.W_dec, data.dictionary, absolute=True) > 0.9  # 0.99 here
+
+
+def test_one_latent_per_signed_direction_where_relu_topk_needs_two():
+    """d_sae = n_features on signed codes: AbsTopK covers each +-D_i with one latent; ReLU-TopK cannot."""
+    data_seed = {"d": 32, "n_features": 96, "p_active": 0.03, "seed": 0, "signed": True}
+    D = PlantedDictionary(**data_seed).dictionary
+    signed_dirs = torch.cat([D, -D])  # the 192 directions the data moves along
+    abstopk = train_planted(make(AbsTopKSAE, d_sae=96, seed=1), PlantedDictionary(**data_seed), steps=1000)
+    topk = train_planted(make(TopKSAE, d_sae=96, seed=1), PlantedDictionary(**data_seed), steps=1000)
+
+    # AbsTopK: latent i with code a covers a * d_i, so +-d_i both count (about 0.95 here)
+    abs_coverage = mmcs(torch.cat([abstopk.W_dec, -abstopk.W_dec]), signed_dirs)
+    assert mmcs(abstopk.W_dec, D, absolute=True) == pytest.approx(abs_coverage, abs=1e-6)
+    assert abs_coverage > 0.9
+    # ReLU-TopK codes are >= 0: latent i only covers +d_i (about 0.79 here)
+    relu_coverage = mmcs(topk.W_dec, signed_dirs)
+    assert relu_coverage < abs_coverage - 0.1
+
+    abs_cos = cosine_matrix(abstopk.W_dec.detach(), D)
+    relu_cos = cosine_matrix(topk.W_dec.detach(), D)
+    single = (abs_cos.abs() > 0.9).any(dim=0)
+    assert single.float().mean() > 0.75  # most directions: one AbsTopK latent, either sign
+    pos, neg = (relu_cos > 0.9).any(dim=0), (relu_cos < -0.9).any(dim=0)
+    assert (pos & neg).any()  # ReLU-TopK spends antipodal pairs on some directions...
+    assert (pos | neg).float().mean() < 0.6  # ...and so leaves many uncovered at the same width
