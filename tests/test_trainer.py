@@ -141,3 +141,17 @@ def test_cache_without_the_hook_is_a_clear_error(tmp_path, cache):
     cmd.harvest.hooks = ["blocks.0.hook_resid_pre"]
     with pytest.raises(SaelabError, match="has no hook 'blocks.0.hook_resid_pre'; it holds"):
         Trainer(cmd, progress=False)
+
+
+def test_relu_2023_form_resamples_dead_latents_at_the_given_steps(tmp_path, cache):
+    cmd = command(tmp_path, cache, train_tokens=256 * 12)
+    cmd.sae.architecture = "relu"
+    cmd.l1.decoder_norm, cmd.l1.resample_steps = "unit", [6]
+    cmd.aux.dead_tokens = 256 * 3  # silent for 3 steps = dead
+    trainer = Trainer(cmd, progress=False)
+    sae = trainer.runs[0].sae
+    with torch.no_grad():
+        sae.b_enc[:50] = -1e4  # these 50 latents can never fire (and ReLU gives them no gradient)
+    trainer.fit()
+    assert trainer.resample_events == [(HOOKS[0], 6, 50)]
+    assert sae.b_enc[:50].abs().max() < 1  # reset to 0 at step 6, then trained: no longer unable to fire

@@ -254,6 +254,7 @@ class Trainer:
         metadata = {"model": cmd.model.model, "source": self.stream.description}
         self.runs = [Run(spec, self.stream.dims[spec.hook], metadata, cmd.data.seed) for spec in self.specs]
         self.start_step = 0
+        self.resample_events: list[tuple[str, int, int]] = []  # (run, after step, latents resampled)
         if cmd.train.resume:
             self._load_checkpoint(checkpoint)
         else:
@@ -323,6 +324,7 @@ class Trainer:
                     for run in self.runs:
                         if run.resample_due(step):
                             count = run.resample(self.stream.sample(train.init_tokens, draw=step), step)
+                            self.resample_events.append((run.spec.name, step, count))
                             bar.write(f"{run.spec.name}: resampled {count} dead latents after step {step}")
                     if step % train.checkpoint_every == 0:
                         self._save_checkpoint(step)
