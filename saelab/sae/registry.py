@@ -13,6 +13,8 @@ from saelab.sae.choice import ChoiceSAE
 from saelab.sae.gsae import GradientSAE
 from saelab.sae.jumprelu import JumpReLUSAE
 from saelab.sae.relu import ReLUSAE
+from saelab.sae.thresholds import ThresholdSAE
+from saelab.sae.topafa import TopAFASAE
 from saelab.sae.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[SAE]] = {
@@ -23,6 +25,8 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     GradientSAE.architecture: GradientSAE,
     ChoiceSAE.architecture: ChoiceSAE,
     JumpReLUSAE.architecture: JumpReLUSAE,
+    TopAFASAE.architecture: TopAFASAE,
+    ThresholdSAE.architecture: ThresholdSAE,
 }
 
 

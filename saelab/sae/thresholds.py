@@ -1,0 +1,255 @@
+"""Thresholding operators beyond ReLU (Rentzeperis et al. 2023, "Beyond l1 sparse coding in V1") and an SAE
+that uses them as its activation.
+
+Every operator is the proximal map of a separable penalty, applied elementwise to u (any shape):
+
+    op(u) = argmin_a  1/2 (a - u)^2 + gamma * P(a)           (one scalar problem per entry)
+
+with t = lambda * gamma for the families whose penalty is lambda * R(a):
+
+    family  P(a)                                      op(u)
+    soft    lambda |a|                                sign(u) (|u| - t)_+
+    hard    lambda 1[a != 0]                          u 1[|u| > sqrt(2t)]
+    half    lambda |a|^(1/2)                          Xu et al. (2012) closed form, zero for |u| <= 3/2 t^(2/3)
+    lq      lambda |a|^q, 0 < q < 1                   zero for |u| <= tau_q, else Newton on a + t q a^(q-1) = |u|
+    cel0    Phi_CEL0(a; lambda, ||d||)                sign(u) min(|u|, (|u| - sqrt(2 lambda) ||d|| gamma)_+ / (1 - ||d||^2 gamma))
+
+All are odd (op(-u) = -op(u)) with op(0) = 0. Soft and CEL0 are continuous; hard, half and lq jump at their
+threshold. Ties exactly at a threshold (two global minimisers) resolve to 0.
+
+Unrolling view (algorithms.md section 3): one proximal-gradient step from a = 0 on
+J(a) = 1/2 ||x - b - a D||^2 + sum_i P(a_i) with step gamma gives a = op(gamma (x - b) D^T); an SAE learns
+W_enc in place of gamma D^T. `ThresholdSAE` trains with exactly (a multiple of) J, so the activation and the
+loss belong to the same objective.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from saelab.errors import SaelabError
+from saelab.sae.base import SAE, StepContext
+
+FAMILIES = ("soft", "hard", "half", "lq", "cel0")
+_NEWTON_MAX_ITERS = 100
+
+
+def _as_like(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
+def _work_dtype(u: torch.Tensor) -> torch.dtype:
+    """Compute in float32 at least (half / bfloat16 inputs lose the Newton and arccos accuracy)."""
+    return u.dtype if u.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def soft(u: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """Soft threshold, the prox of t|a|:  sign(u) * (|u| - t)_+.   u: any shape; t >= 0 broadcastable to u.
+
+    Continuous, odd; the l1 proximal step (ReLU(u - t) on non-negative inputs)."""
+    return u.sign() * (u.abs() - t).clamp_min(0)
+
+
+def hard(u: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """Hard threshold, the prox of t 1[a != 0]:  u * 1[|u| > sqrt(2t)].   u: any shape; t >= 0.
+
+    Keeping a = u costs t, zeroing costs u^2 / 2, hence the threshold sqrt(2t) (the Rentzeperis repo uses
+    sqrt(t), i.e. the penalty t/2). Jumps from 0 to sqrt(2t) at the threshold; derivative 1[|u| > sqrt(2t)]."""
+    threshold = (2 * _as_like(t, u)).sqrt()
+    return u * (u.abs() > threshold)
+
+
+def half_threshold(t: float | torch.Tensor) -> float | torch.Tensor:
+    """tau_{1/2} = 3/2 t^(2/3): below it the prox of t|a|^(1/2) is 0 (equals (cbrt 54 / 4)(2t)^(2/3))."""
+    return 1.5 * t ** (2 / 3)
+
+
+def half(u: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """l_{1/2} threshold (Xu et al. 2012), the prox of t|a|^(1/2):  argmin_a 1/2 (a - u)^2 + t |a|^(1/2).
+
+    Xu et al. write the problem as (a - u)^2 + t_X |a|^(1/2) (no 1/2), i.e. t_X = 2t. With their formula:
+        op(u) = 0                                                     if |u| <= (cbrt(54)/4) t_X^(2/3) = 3/2 t^(2/3)
+        op(u) = 2/3 u (1 + cos(2 pi / 3 - 2/3 phi(u))),  phi(u) = arccos(t_X/8 (|u|/3)^(-3/2))   otherwise.
+    So `half(u, t) == lq(u, t, 0.5)`. u: any shape; t >= 0. Jumps from 0 to 2/3 tau at tau = 3/2 t^(2/3)."""
+    dtype = u.dtype
+    u = u.to(_work_dtype(u))
+    t_x = 2 * _as_like(t, u)
+    tau = half_threshold(t_x / 2)
+    magnitude = u.abs()
+    keep = magnitude > tau
+    # Evaluate the branch only where it applies: elsewhere arccos could see an argument > 1 (NaN gradients).
+    safe = torch.where(keep, magnitude, torch.maximum(tau, torch.ones_like(magnitude)))
+    phi = torch.arccos(t_x / 8 * (safe / 3).pow(-1.5))
+    value = 2 / 3 * safe * (1 + torch.cos(2 * math.pi / 3 - 2 / 3 * phi))
+    return (u.sign() * torch.where(keep, value, torch.zeros_like(value))).to(dtype)
+
+
+def lq_threshold(t: float | torch.Tensor, q: float) -> float | torch.Tensor:
+    """tau_q = (2 - q)/(2 - 2q) * (2t(1 - q))^(1/(2 - q)): the prox of t|a|^q is 0 for |u| <= tau_q.
+
+    q -> 0 gives sqrt(2t) (hard), q = 1/2 gives 3/2 t^(2/3) (half)."""
+    return (2 - q) / (2 - 2 * q) * (2 * t * (1 - q)) ** (1 / (2 - q))
+
+
+def lq(u: torch.Tensor, t: float | torch.Tensor, q: float) -> torch.Tensor:
+    """General l_q threshold, 0 < q < 1: the prox of t|a|^q,  argmin_a 1/2 (a - u)^2 + t |a|^q.
+
+    For |u| <= tau_q (`lq_threshold`) the answer is 0; above, a = sign(u) * a*, where a* is the largest root of
+        f(a) = a + t q a^(q-1) - |u| = 0,
+    found by Newton's method from a = |u|. f is convex and f(|u|) > 0, so the iterates decrease monotonically
+    to a* (where f'(a*) >= 1 - q/2 > 0): no bracketing needed. The gradient is the implicit derivative
+        d a*/d|u| = 1 / (1 + t q (q - 1) a*^(q-2)),
+    not an unrolled Newton graph. u: any shape; t >= 0 (float or broadcastable tensor, no gradient)."""
+    if not 0 < q < 1:
+        raise SaelabError(f"lq needs 0 < q < 1 (got q={q}); use hard (q -> 0) or soft (q = 1) instead.")
+    dtype = u.dtype
+    u = u.to(_work_dtype(u))
+    t = _as_like(t, u).detach()
+    magnitude = u.abs()
+    keep = magnitude.detach() > lq_threshold(t, q)
+    with torch.no_grad():
+        target = torch.where(keep, magnitude, torch.ones_like(magnitude))
+        a = target.clone()
+        for _ in range(_NEWTON_MAX_ITERS):
+            f = a + t * q * a.pow(q - 1) - target
+            slope = 1 + t * q * (q - 1) * a.pow(q - 2)
+            step = torch.where(keep, f / slope, torch.zeros_like(f))
+            a = a - step
+            if bool((step.abs() <= 4 * torch.finfo(a.dtype).eps * a).all()):
+                break
+        slope = 1 + t * q * (q - 1) * a.pow(q - 2)
+    a = a + (magnitude - magnitude.detach()) / slope  # value a*, gradient d a*/d|u|
+    return (u.sign() * torch.where(keep, a, torch.zeros_like(a))).to(dtype)
+
+
+def cel0(
+    u: torch.Tensor, lam: float | torch.Tensor, gamma: float | torch.Tensor, d_norm: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """CEL0 threshold (Soubies et al. 2015): the prox of gamma * Phi_CEL0, with (per entry)
+
+        Phi_CEL0(a) = lambda - ||d||^2 / 2 * (|a| - sqrt(2 lambda)/||d||)^2 * 1[|a| <= sqrt(2 lambda)/||d||],
+        op(u) = sign(u) * min(|u|, (|u| - sqrt(2 lambda) ||d|| gamma)_+ / (1 - ||d||^2 gamma)).
+
+    With ||d|| = 1: 0 for |u| <= gamma sqrt(2 lambda), a linear ramp of slope 1/(1 - gamma), and the identity
+    from |u| = sqrt(2 lambda). Continuous and odd; the 1-D objective is strictly convex, so this is its unique
+    minimiser, which needs gamma ||d||^2 < 1. u: any shape; lam >= 0; gamma > 0; d_norm (the decoder row
+    norm ||d_i||, e.g. shape [d_sae] for u [batch, d_sae]) broadcastable to u."""
+    d_norm = _as_like(d_norm, u)
+    if bool((gamma * d_norm.pow(2) >= 1).any()):
+        raise SaelabError(f"CEL0 needs gamma * ||d_i||^2 < 1 (gamma={float(gamma)}); lower --threshold-gamma.")
+    magnitude = u.abs()
+    ramp = (magnitude - math.sqrt(2 * float(lam)) * d_norm * gamma).clamp_min(0) / (1 - d_norm.pow(2) * gamma)
+    return u.sign() * torch.minimum(magnitude, ramp)
+
+
+def cel0_penalty(a: torch.Tensor, lam: float, d_norm: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Phi_CEL0(a) elementwise (see `cel0`): 0 at a = 0, rising concavely to lambda at |a| = sqrt(2 lambda)/||d||,
+    then flat. Its global minimisers with 1/2 ||x - Da||^2 are those of 1/2 ||x - Da||^2 + lambda ||a||_0."""
+    d_norm = _as_like(d_norm, a)
+    corner = math.sqrt(2 * lam) / d_norm
+    gap = (a.abs() - corner).clamp_max(0)  # 0 above the corner: flat at lambda
+    return lam - d_norm.pow(2) / 2 * gap.pow(2)
+
+
+def threshold_op(
+    u: torch.Tensor, family: str, lam: float, gamma: float, q: float = 0.5, d_norm: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """Apply `family`'s operator with t = lam * gamma (CEL0 takes lam, gamma and d_norm). u: any shape."""
+    t = lam * gamma
+    if family == "soft":
+        return soft(u, t)
+    if family == "hard":
+        return hard(u, t)
+    if family == "half":
+        return half(u, t)
+    if family == "lq":
+        return lq(u, t, q)
+    if family == "cel0":
+        return cel0(u, lam, gamma, d_norm)
+    raise SaelabError(f"Unknown --threshold-family '{family}'; use one of {', '.join(FAMILIES)}.")
+
+
+def threshold_penalty(
+    a: torch.Tensor, family: str, lam: float, q: float = 0.5, d_norm: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """Elementwise penalty P(a) whose prox (step gamma) is `threshold_op(., family, lam, gamma)`. a: any shape.
+
+    soft lam|a|;  hard lam 1[a != 0];  half lam|a|^(1/2);  lq lam|a|^q;  cel0 Phi_CEL0(a; lam, d_norm).
+    Powers are evaluated only on nonzero entries, so the gradient at a = 0 is 0, not inf * 0 = NaN."""
+    if family == "soft":
+        return lam * a.abs()
+    if family == "hard":
+        return lam * (a != 0).to(a.dtype)
+    if family in ("half", "lq"):
+        exponent = 0.5 if family == "half" else q
+        magnitude = a.abs()
+        nonzero = magnitude > 0
+        tiny = torch.finfo(a.dtype).tiny
+        powered = magnitude.clamp_min(tiny).pow(exponent)
+        return lam * torch.where(nonzero, powered, torch.zeros_like(powered))
+    if family == "cel0":
+        return cel0_penalty(a, lam, d_norm)
+    raise SaelabError(f"Unknown --threshold-family '{family}'; use one of {', '.join(FAMILIES)}.")
+
+
+class ThresholdSAE(SAE):
+    """SAE whose activation is a fixed proximal operator (section `threshold`): soft, hard, half, lq or cel0.
+
+        z = encode_pre(x_n)                                     [batch, d_sae]
+        a = op(ReLU(z))     t = lambda * gamma                  [batch, d_sae]   (non-negative codes)
+        x_hat = a W_dec + b_dec                                 [batch, d_in]
+
+    Non-negative version: the operator is applied to ReLU(z) (algorithms.md section 11), so codes are >= 0;
+    for these odd operators this equals ReLU(op(z)).
+
+    Loss (sum reduction): ||x - x_hat||^2 + 2 sum_i P(a_i), averaged over tokens, i.e. exactly
+    2 * mean_B J(a) with J = 1/2 ||x - x_hat||^2 + sum_i P(a_i), the sparse-coding objective whose proximal
+    step (step gamma) is the activation; P is `threshold_penalty` of the family. With --mse-reduction mean both
+    terms are divided by d_in, so lambda keeps its meaning. The decoder has unit-norm rows, so CEL0's ||d_i|| = 1
+    in practice (the actual norms are used anyway, detached).
+
+    Gradients: the threshold t is a fixed hyperparameter, not a parameter, so no straight-through estimator is
+    needed: the almost-everywhere derivative of the operator (1 on the support for hard; the closed form's or the
+    implicit derivative for half / lq; 1/(1 - gamma) on CEL0's ramp) trains the encoder. The hard penalty
+    lambda 1[a != 0] is piecewise constant, so it is logged but gives no gradient: for `hard` the threshold
+    sqrt(2t) alone sets sparsity. A learnt threshold would need the JumpReLU-style estimator (section 4).
+    """
+
+    architecture = "threshold"
+    sections = ("threshold",)
+
+    def validate(self) -> None:
+        opt = self.option("threshold")
+        if opt.threshold_family not in FAMILIES:
+            raise SaelabError(f"Unknown --threshold-family '{opt.threshold_family}'; use one of {', '.join(FAMILIES)}.")
+        if opt.threshold_lambda < 0 or opt.threshold_gamma <= 0:
+            raise SaelabError("--threshold-lambda must be >= 0 and --threshold-gamma > 0.")
+        if opt.threshold_family == "lq" and not 0 < opt.threshold_q < 1:
+            raise SaelabError(f"--threshold-q must be in (0, 1) for the lq family (got {opt.threshold_q}).")
+        if opt.threshold_family == "cel0" and opt.threshold_gamma >= 1:
+            raise SaelabError(
+                f"CEL0 needs gamma * ||d_i||^2 < 1 with unit decoder rows, i.e. --threshold-gamma < 1 "
+                f"(got {opt.threshold_gamma})."
+            )
+
+    def _d_norm(self) -> torch.Tensor | float:
+        """CEL0's ||d_i|| [d_sae] (detached); the other families do not use it."""
+        if self.option("threshold").threshold_family != "cel0":
+            return 1.0
+        return self.W_dec.detach().norm(dim=1)
+
+    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        """z [batch, d_sae] -> a = op(ReLU(z)) [batch, d_sae], a >= 0 (same map in training and inference)."""
+        opt = self.option("threshold")
+        return threshold_op(
+            z.relu(), opt.threshold_family, opt.threshold_lambda, opt.threshold_gamma, opt.threshold_q, self._d_norm()
+        )
+
+    def sparsity_loss(self, x_n, z, a, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """{"sparsity": 2 mean_B sum_i P(a_i)} (divided by d_in under mean reduction); see the class docstring."""
+        opt = self.option("threshold")
+        penalty = threshold_penalty(a, opt.threshold_family, opt.threshold_lambda, opt.threshold_q, self._d_norm())
+        scale = 2.0 if self.cfg.mse_reduction == "sum" else 2.0 / self.d_in
+        return {"sparsity": scale * ctx.sparsity_scale * penalty.sum(-1).mean()}

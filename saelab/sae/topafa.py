@@ -1,0 +1,156 @@
+"""top-AFA SAE (Lee et al. 2025, "Evaluating and Designing Sparse Autoencoders by Approximating
+Quasi-Orthogonality", arXiv 2503.24277; official code SewoongLee/top-afa-sae, training/sae.py::TopAFASAE).
+
+Approximate Feature Activation: if the decoder rows are eps-quasi-orthogonal (|d_i . d_j| <= eps) and
+x - b_dec = sum_{i in S} a_i d_i, then ||a|| ~ ||x - b_dec||. top-AFA therefore picks, per token, the number of
+active latents k* whose (decoder-weighted) code norm best matches the input norm, instead of a fixed k:
+
+    u   = ReLU(z)                                               [batch, d_sae]
+    q_i = (u_i ||d_i||)^2, sorted descending: q_(1) >= q_(2) >= ...
+    c_j = sqrt(sum_{r <= j} q_(r)),  c_{d_sae} := +inf        (so k* < d_sae)
+    k*  = argmin_j |c_j - ||x - b_dec|| | + 1                   [batch]   (1-based; first minimum on ties)
+    a   = u on the k* largest q, 0 elsewhere                    (gradients reach only the kept entries)
+
+Loss: normalised MSE (as TopK) + aux_coef * AuxK (as TopK) + afa_coef * mean_B (||a||_2 - ||x||_2)^2, with the
+plain code norm ||a|| and the plain input norm ||x|| (both as in the official code; x in the SAE's normalised
+space, not centred on b_dec, while the selection uses ||x - b_dec||).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
+
+import torch
+
+from saelab.errors import SaelabError
+from saelab.sae.base import LossOutput, StepContext
+from saelab.sae.topk import TopKSAE
+
+
+class AFASelection(NamedTuple):
+    acts: torch.Tensor  # [batch, d_sae] the code a
+    k: torch.Tensor  # [batch] int64, k* per token (1 <= k* <= d_sae - 1)
+
+
+def afa_select(u: torch.Tensor, decoder_norms: torch.Tensor, target_norm: torch.Tensor) -> AFASelection:
+    """Norm-matching selection. u [batch, n] >= 0 (ReLU'd pre-activations), decoder_norms [n] (||d_i||),
+    target_norm [batch] (||x - b_dec||) -> the code (u on the top k* latents by (u_i ||d_i||)^2) and k*.
+
+    c_j = sqrt(cumsum of the sorted q) with the last entry +inf; k* = argmin_j |c_j - target| + 1. The official
+    code sets the last cumulative sum to 1e8 (c = 1e4) rather than +inf; the two differ only for targets above
+    ~5e3, where +inf still keeps k* < n. The mask carries no gradient; u's kept entries do."""
+    n = u.shape[-1]
+    with torch.no_grad():
+        scores = (u * decoder_norms).pow(2)
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        cumulative = sorted_scores.cumsum(dim=-1)
+        cumulative[..., -1] = float("inf")
+        k = (cumulative.sqrt() - target_norm.unsqueeze(-1)).abs().argmin(dim=-1) + 1
+        keep_sorted = torch.arange(n, device=u.device) < k.unsqueeze(-1)
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return AFASelection(u * keep, k)
+
+
+class CoherenceStats(NamedTuple):
+    eps_max: float  # max_{i != j} |d_i . d_j| over unit-normalised decoder rows
+    eps_mean: float  # mean_{i != j} |d_i . d_j|
+
+
+@torch.no_grad()
+def decoder_coherence(W_dec: torch.Tensor, chunk_size: int = 1024) -> CoherenceStats:
+    """Quasi-orthogonality of a decoder W_dec [n, d] (rows d_i): with d_hat_i = d_i / ||d_i||,
+        eps_max = max_{i != j} |d_hat_i . d_hat_j|,   eps_mean = mean_{i != j} |d_hat_i . d_hat_j|
+    (the eps of the AFA bound; the official training log computes the max and the mean of the *signed*
+    off-diagonal of W_dec W_dec^T, whose mean is ~0 and says little). Computed in row blocks of chunk_size x n
+    (float32 at least), so n = 16k never needs the n x n Gram matrix at once. Needs n >= 2."""
+    n = W_dec.shape[0]
+    if n < 2:
+        raise SaelabError("Decoder coherence needs at least two latents.")
+    dtype = W_dec.dtype if W_dec.dtype in (torch.float32, torch.float64) else torch.float32
+    unit = W_dec.to(dtype)
+    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    eps_max = torch.zeros((), dtype=dtype, device=W_dec.device)
+    total = torch.zeros((), dtype=torch.float64, device=W_dec.device)
+    for start in range(0, n, chunk_size):
+        block = (unit[start : start + chunk_size] @ unit.T).abs()  # [rows, n]
+        rows = torch.arange(block.shape[0], device=W_dec.device)
+        block[rows, start + rows] = 0.0  # drop the diagonal (|d_hat_i . d_hat_i| = 1)
+        eps_max = torch.maximum(eps_max, block.max())
+        total += block.sum(dtype=torch.float64)
+    return CoherenceStats(float(eps_max), float(total / (n * (n - 1))))
+
+
+class TopAFASAE(TopKSAE):
+    """top-AFA SAE (sections aux, topk, afa). `--k` is not used: k* is chosen per token (see the module
+    docstring); AuxK, its dead-latent handling and the normalised MSE come from TopKSAE.
+
+    The selection needs ||x - b_dec|| besides z. `encode_pre` computes it and remembers it together with a weak
+    reference to the z it returned, so the base class's encode / forward (`activate(encode_pre(x_n))`) work
+    unchanged; `activate` refuses a z that did not come from the latest `encode_pre` (no silent stale norms)
+    and `select(z, target_norm)` is the explicit form. `training_loss` calls `select` directly, since it also
+    needs ||x|| for the AFA term.
+
+    Differences from the official code (deliberate, shared with this package's TopK): b_enc exists (the
+    shared encoder; initialised to 0; the official TopAFASAE has none); pre_enc_bias is configurable (the
+    official always subtracts b_dec; the target is ||x - b_dec|| either way, since x_hat = a W_dec + b_dec);
+    AuxK is the OpenAI normalised form on the detached residual (official: aux_penalty * mean squared error).
+    """
+
+    architecture = "topafa"
+    sections = ("aux", "topk", "afa")
+
+    def validate(self) -> None:
+        aux = self.option("aux")
+        if aux.k_aux < 0 or aux.aux_coef < 0 or aux.dead_tokens <= 0:
+            raise SaelabError("--k-aux and --aux-coef must be >= 0 and --dead-tokens > 0.")
+        if self.option("afa").afa_coef < 0:
+            raise SaelabError(f"--afa-coef must be >= 0 (got {self.option('afa').afa_coef}).")
+        if self.d_sae < 2:
+            raise SaelabError("top-AFA needs d_sae >= 2 (k* ranges over 1 .. d_sae - 1).")
+
+    def target_norm(self, x_n: torch.Tensor) -> torch.Tensor:
+        """||x_n - b_dec|| per token: [batch, d_in] -> [batch] (detached; it only picks k*)."""
+        return (x_n - self.b_dec).detach().norm(dim=-1)
+
+    def encode_pre(self, x_n: torch.Tensor) -> torch.Tensor:
+        z = super().encode_pre(x_n)
+        self._pending = (weakref.ref(z), self.target_norm(x_n))
+        return z
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles drop the remembered norm (a weak reference cannot be copied)."""
+        state = dict(self.__dict__)
+        state.pop("_pending", None)
+        return state
+
+    def select(self, z: torch.Tensor, target_norm: torch.Tensor) -> AFASelection:
+        """z [batch, d_sae], target_norm [batch] -> (code [batch, d_sae], k* [batch])."""
+        return afa_select(z.relu(), self.W_dec.detach().norm(dim=1), target_norm)
+
+    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        """z [batch, d_sae] -> code [batch, d_sae]; z must be the tensor the latest `encode_pre` returned."""
+        pending = getattr(self, "_pending", None)
+        if pending is None or pending[0]() is not z:
+            raise SaelabError(
+                "top-AFA selection needs ||x - b_dec||: pass the output of sae.encode_pre(x_n) straight to "
+                "activate, or call sae.select(z, sae.target_norm(x_n))."
+            )
+        return self.select(z, pending[1]).acts
+
+    def sparsity_loss(self, x_n, z, a, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """AuxK (from TopKSAE) and afa_coef * mean_B (||a|| - ||x_n||)^2."""
+        terms = super().sparsity_loss(x_n, z, a, x_hat, ctx)
+        gap = a.norm(dim=-1) - x_n.norm(dim=-1)
+        terms["afa"] = self.option("afa").afa_coef * gap.pow(2).mean()
+        return terms
+
+    def training_loss(self, x_n: torch.Tensor, ctx: StepContext) -> LossOutput:
+        """As SAE.training_loss, with the selection given ||x_n - b_dec|| explicitly."""
+        z = super().encode_pre(x_n)
+        a = self.select(z, self.target_norm(x_n)).acts
+        x_hat = self.decode(a)
+        terms = {"mse": self.reconstruction_loss(x_n, x_hat)}
+        terms.update(self.sparsity_loss(x_n, z, a, x_hat, ctx))
+        loss = sum(terms.values())
+        return LossOutput(loss, {k: v.detach() for k, v in terms.items()}, a, x_hat)
