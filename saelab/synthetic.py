@@ -48,3 +48,24 @@ def mmcs(learned: torch.Tensor, true: torch.Tensor, absolute: bool = False) -> f
     """Mean over true features of the best cosine similarity with any learned row (|cos| if absolute)."""
     cos = cosine_matrix(learned.detach().float(), true.float())
     return float((cos.abs() if absolute else cos).max(dim=0).values.mean())
+
+
+def fit_planted(sae, data: PlantedDictionary, steps: int, lr: float = 3e-3, batch: int = 512, context=None):
+    """Train `sae` with Adam + `train_step` on `steps` fresh batches of `data.sample(batch)` [batch, d]; returns it.
+
+    context: optional callable (step, x) -> StepContext (sparsity warmup, g-SAE gradients); default StepContext().
+    Runs single-threaded: thousands of tiny matmuls only pay synchronisation overhead for a second thread.
+    """
+    from saelab.sae.base import StepContext
+    from saelab.train.step import train_step
+
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in range(steps):
+            x = data.sample(batch)
+            train_step(sae, optimizer, x, context(step, x) if context else StepContext())
+    finally:
+        torch.set_num_threads(threads)
+    return sae

@@ -5,6 +5,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+import torch
 
 from saelab.config import CacheCommand, CacheConfig, DataConfig, HarvestConfig, ModelConfig
 from saelab.models import load_model, load_tokenizer, tiny_native_model
@@ -43,3 +44,12 @@ def tiny_cache_config(out, **overrides) -> CacheCommand:
 @pytest.fixture(scope="session")
 def cache_config():
     return tiny_cache_config
+
+
+@pytest.fixture
+def one_thread():
+    """Thousands of tiny steps: a second intra-op thread only adds sync overhead (badly so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,8 +8,7 @@ from saelab.config import AuxConfig, SAEConfig, TopKConfig
 from saelab.sae.abstopk import AbsTopKSAE
 from saelab.sae.base import StepContext
 from saelab.sae.topk import TopKSAE
-from saelab.synthetic import PlantedDictionary, cosine_matrix, mmcs
-from saelab.train.step import train_step
+from saelab.synthetic import PlantedDictionary, cosine_matrix, fit_planted, mmcs
 
 
 def make(cls=AbsTopKSAE, d_in=32, d_sae=192, k=4, seed=1, k_aux=0, aux_coef=1 / 32, **topk):
@@ -17,18 +16,6 @@ def make(cls=AbsTopKSAE, d_in=32, d_sae=192, k=4, seed=1, k_aux=0, aux_coef=1 / 
     cfg = SAEConfig(architecture=cls.architecture, d_sae=d_sae, k=k, input_norm="none")
     return cls(d_in, cfg, {"aux": AuxConfig(k_aux=k_aux, aux_coef=aux_coef), "topk": TopKConfig(**topk)})
 
-
-def train_planted(sae, data, steps, lr=3e-3, batch=512):
-    """Adam + train_step on fresh planted batches (one thread: tiny matrices on a shared CPU)."""
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(steps):
-            train_step(sae, opt, data.sample(batch), StepContext())
-    finally:
-        torch.set_num_threads(threads)
-    return sae
 
 
 @pytest.mark.parametrize("rescale", [True, False])
@@ -89,7 +76,7 @@ def test_signed_auxk_picks_dead_latents_by_magnitude():
 
 def test_planted_signed_dictionary_recovery():
     data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0, signed=True)
-    sae = train_planted(make(seed=1), data, steps=600)
+    sae = fit_planted(make(seed=1), data, steps=600)
     assert mmcs(sae.W_dec, data.dictionary, absolute=True) > 0.9  # 0.99 here
 
 
@@ -98,8 +85,8 @@ def test_one_latent_per_signed_direction_where_relu_topk_needs_two():
     data_seed = {"d": 32, "n_features": 96, "p_active": 0.03, "seed": 0, "signed": True}
     D = PlantedDictionary(**data_seed).dictionary
     signed_dirs = torch.cat([D, -D])  # the 192 directions the data moves along
-    abstopk = train_planted(make(AbsTopKSAE, d_sae=96, seed=1), PlantedDictionary(**data_seed), steps=1000)
-    topk = train_planted(make(TopKSAE, d_sae=96, seed=1), PlantedDictionary(**data_seed), steps=1000)
+    abstopk = fit_planted(make(AbsTopKSAE, d_sae=96, seed=1), PlantedDictionary(**data_seed), steps=1000)
+    topk = fit_planted(make(TopKSAE, d_sae=96, seed=1), PlantedDictionary(**data_seed), steps=1000)
 
     # AbsTopK: latent i with code a covers a * d_i, so +-d_i both count (about 0.95 here)
     abs_coverage = mmcs(torch.cat([abstopk.W_dec, -abstopk.W_dec]), signed_dirs)

@@ -10,7 +10,7 @@ from saelab.sae import io as sae_io
 from saelab.sae.base import StepContext
 from saelab.sae.batchtopk import BatchTopKSAE, batch_topk, ema_threshold_
 from saelab.sae.registry import ARCHITECTURES
-from saelab.synthetic import PlantedDictionary, mmcs
+from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
 from saelab.train.step import train_step
 
 
@@ -19,18 +19,6 @@ def make(d_in=32, d_sae=192, k=4, seed=1, aux_coef=1 / 32, input_norm="none", **
     cfg = SAEConfig(architecture="batchtopk", d_sae=d_sae, k=k, input_norm=input_norm)
     return BatchTopKSAE(d_in, cfg, {"aux": AuxConfig(aux_coef=aux_coef), "topk": TopKConfig(**topk)})
 
-
-def train_planted(sae, data, steps, lr=3e-3, batch=512):
-    """Adam + train_step on fresh planted batches (one thread: tiny matrices on a shared CPU)."""
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(steps):
-            train_step(sae, opt, data.sample(batch), StepContext())
-    finally:
-        torch.set_num_threads(threads)
-    return sae
 
 
 def test_training_code_has_exactly_k_times_batch_nonzeros():
@@ -158,7 +146,7 @@ def test_save_load_with_folded_input_scale_keeps_codes(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def trained():
     data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
-    return train_planted(make(seed=1), data, steps=2000), data
+    return fit_planted(make(seed=1), data, steps=2000), data
 
 
 def test_planted_dictionary_recovery(trained):

@@ -11,8 +11,7 @@ from saelab.sae.base import StepContext
 from saelab.sae.batchtopk import BatchTopKSAE
 from saelab.sae.choice import ChoiceSAE, feature_choice, zipf_capacities, zipf_weights
 from saelab.sae.registry import ARCHITECTURES
-from saelab.synthetic import PlantedDictionary, mmcs
-from saelab.train.step import train_step
+from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
 
 
 def make(mode="mutual", d_in=32, d_sae=192, k=4, seed=1, aux=None, topk=None, **choice):
@@ -25,18 +24,6 @@ def make(mode="mutual", d_in=32, d_sae=192, k=4, seed=1, aux=None, topk=None, **
     }
     return ChoiceSAE(d_in, cfg, options)
 
-
-def train_planted(sae, data, steps, lr=3e-3, batch=512):
-    """Adam + train_step on fresh planted batches (one thread: tiny matrices on a shared CPU)."""
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(steps):
-            train_step(sae, opt, data.sample(batch), StepContext())
-    finally:
-        torch.set_num_threads(threads)
-    return sae
 
 
 # -- mutual choice ----------------------------------------------------------------------------------
@@ -219,7 +206,7 @@ def test_feature_mode_save_load_roundtrip(tmp_path, monkeypatch):
 @pytest.mark.parametrize("mode,steps", [("mutual", 1000), ("feature", 800)])
 def test_planted_dictionary_recovery(mode, steps):
     data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
-    sae = train_planted(make(mode, seed=1), data, steps=steps)
+    sae = fit_planted(make(mode, seed=1), data, steps=steps)
     assert mmcs(sae.W_dec, data.dictionary) > 0.9  # mutual ~0.97, feature ~0.99 here
     with torch.no_grad():
         l0 = (sae.encode(data.sample(4096)) != 0).sum(dim=1).float().mean()

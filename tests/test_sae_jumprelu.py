@@ -225,15 +225,6 @@ def test_bad_options_raise_saelab_error(options, message):
         make(**options)
 
 
-@pytest.fixture
-def one_thread():
-    """Thousands of tiny steps: a second intra-op thread only adds sync overhead (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_planted_dictionary_recovery(one_thread):
     """step mode, lambda = 0.03, theta0 = 0.1, eps = 0.05 (inputs have E||x||^2 ~ 1), Adam lr 2e-3, 2000 steps."""
     data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)

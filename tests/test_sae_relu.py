@@ -184,15 +184,6 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
     torch.testing.assert_close(loaded.W_dec.norm(dim=1), torch.ones(24), atol=1e-5, rtol=0)  # folded
 
 
-@pytest.fixture
-def one_thread():
-    """Thousands of tiny steps: a second intra-op thread only adds sync overhead (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("form, steps", [("weighted", 1500), ("unit", 2500)])
 def test_planted_dictionary_recovery(form, steps, one_thread):
     """lambda = 0.3 (sum-MSE, inputs with E||x||^2 ~ 1), Adam lr 1e-3, 10% lambda warmup."""

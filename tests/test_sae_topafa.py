@@ -13,8 +13,7 @@ from saelab.errors import SaelabError
 from saelab.sae.base import StepContext
 from saelab.sae.topafa import TopAFASAE, afa_select, decoder_coherence
 from saelab.sae.topk import normalized_mse
-from saelab.synthetic import PlantedDictionary, mmcs
-from saelab.train.step import train_step
+from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
 
 
 def _sae(d_in=16, d_sae=16, afa_coef=1 / 16, aux_coef=1 / 32, **sae_kw) -> TopAFASAE:
@@ -196,16 +195,9 @@ def test_chunked_coherence_matches_the_full_gram_matrix():
 @pytest.fixture(scope="module")
 def planted_topafa():
     """top-AFA trained as the recovery tests of the other variants: d=32, 96 features, d_sae=192."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
     data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
     torch.manual_seed(1)  # not the data seed: the init must not be the dictionary
-    sae = _sae(d_in=32, d_sae=192)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    for _ in range(800):
-        train_step(sae, optimizer, data.sample(512), StepContext())
-    torch.set_num_threads(previous)
-    return sae, data
+    return fit_planted(_sae(d_in=32, d_sae=192), data, steps=800, lr=1e-3), data
 
 
 def test_topafa_on_planted_data_reconstructs_with_norm_matched_codes(planted_topafa):

@@ -7,8 +7,7 @@ import torch
 from saelab.config import AuxConfig, SAEConfig, TopKConfig
 from saelab.sae.base import StepContext
 from saelab.sae.topk import TopKSAE, normalized_mse
-from saelab.synthetic import PlantedDictionary, mmcs
-from saelab.train.step import train_step
+from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
 
 
 def make(d_in=32, d_sae=192, k=4, aux_coef=1 / 32, k_aux=0, seed=1, **topk):
@@ -16,18 +15,6 @@ def make(d_in=32, d_sae=192, k=4, aux_coef=1 / 32, k_aux=0, seed=1, **topk):
     cfg = SAEConfig(architecture="topk", d_sae=d_sae, k=k, input_norm="none")
     return TopKSAE(d_in, cfg, {"aux": AuxConfig(aux_coef=aux_coef, k_aux=k_aux), "topk": TopKConfig(**topk)})
 
-
-def train_planted(sae, data, steps, lr=3e-3, batch=512):
-    """Adam + train_step on fresh planted batches; returns the SAE."""
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared CPU
-    try:
-        for _ in range(steps):
-            train_step(sae, opt, data.sample(batch), StepContext())
-    finally:
-        torch.set_num_threads(threads)
-    return sae
 
 
 def test_exactly_k_nonzeros_per_row():
@@ -114,7 +101,7 @@ def test_fvu_is_zero_when_true_l0_at_most_k():
 @pytest.fixture(scope="module")
 def trained():
     data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
-    return train_planted(make(seed=1), data, steps=1000), data
+    return fit_planted(make(seed=1), data, steps=1000), data
 
 
 def test_planted_dictionary_recovery(trained):

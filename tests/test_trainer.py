@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from saelab.activations import ActivationCache
-from saelab.config import CacheConfig, DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainCommand, TrainConfig
+from saelab.config import DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainCommand, TrainConfig
 from saelab.errors import SaelabError
 from saelab.sae import load_sae
 from saelab.train.trainer import Run, Trainer, learning_rate, plan_runs
@@ -13,8 +13,8 @@ HOOKS = ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"]
 
 
 def command(tmp_path, cache, **train) -> TrainCommand:
-    options = dict(cache=str(cache), out=str(tmp_path / "run"), train_tokens=256 * 30, batch_size=256,
-                   lr=3e-3, lr_warmup_steps=5, log_every=3, checkpoint_every=7, init_tokens=2048)
+    options = {"cache": str(cache), "out": str(tmp_path / "run"), "train_tokens": 256 * 30, "batch_size": 256,
+               "lr": 3e-3, "lr_warmup_steps": 5, "log_every": 3, "checkpoint_every": 7, "init_tokens": 2048}
     options.update(train)
     return TrainCommand(
         model=ModelConfig(model="tiny-native"), data=DataConfig(context_length=32),
