@@ -3,7 +3,7 @@
     python scripts/bench_variants.py [--train-tokens 500000] [--expansion 8] [--k 32]
 
 All saelab variants train in one `Trainer` run (a sweep): each step, every SAE gets the same batch. sparsify's
-`SparseCoder` (eai-sparsify, `pip install -c constraints.txt eai-sparsify==1.3.3`) then trains on the same
+`SparseCoder` (eai-sparsify: `pip install -c constraints.txt -e ".[bench]"`) then trains on the same
 batches in the same order with its own trainer defaults (signum under a ScheduleFree wrapper, lr
 5e-3 / sqrt(n / 2^14), no AuxK, b_dec = first batch mean, unit-norm decoder, FVU loss, raw inputs), at the
 same k, width and token budget. Everything is evaluated on a held-out cache (a different corpus seed, so a

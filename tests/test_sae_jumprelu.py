@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import perturb
 
 import saelab.sae.registry
 from saelab.config import JumpReLUConfig, SAEConfig
@@ -26,17 +27,6 @@ def make(d_in=8, d_sae=24, seed=0, sae_kw=None, **opts):
     return JumpReLUSAE(d_in, cfg, {"jumprelu": JumpReLUConfig(**opts)})
 
 
-def perturb(sae, seed=1):
-    """Non-trivial weights: decoder row norms in [0.3, 3], non-zero biases, thresholds in [0.05, 0.5]."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=g) / math.sqrt(sae.d_in))
-        sae.W_dec.copy_(torch.randn(sae.W_dec.shape, generator=g))
-        sae.W_dec *= (0.3 + 2.7 * torch.rand(sae.d_sae, 1, generator=g)) / sae.W_dec.norm(dim=1, keepdim=True)
-        sae.b_enc.copy_(0.1 * torch.randn(sae.d_sae, generator=g))
-        sae.b_dec.copy_(0.5 * torch.randn(sae.d_in, generator=g))
-        sae.log_threshold.copy_(torch.empty(sae.d_sae).uniform_(math.log(0.05), math.log(0.5), generator=g))
-    return sae
 
 
 N_DENSITY = 1 << 22  # 4M samples: std of the rectangle-STE estimate ~ sqrt(phi / (eps N)) = 0.003 at eps = 0.01

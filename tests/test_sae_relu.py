@@ -1,10 +1,10 @@
 """ReLU + L1 SAE (algorithms.md §1): both forms, folding, the projected step, b_dec init, recovery."""
 
 import itertools
-import math
 
 import pytest
 import torch
+from helpers import perturb
 
 import saelab.sae.registry
 from saelab.config import L1Config, SAEConfig
@@ -23,16 +23,6 @@ def make(d_in=8, d_sae=24, seed=0, sae_kw=None, **l1):
     return ReLUSAE(d_in, cfg, {"l1": L1Config(**l1)})
 
 
-def perturb(sae, seed=1):
-    """Non-trivial weights: decoder row norms in [0.3, 3], non-zero biases."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=g) / math.sqrt(sae.d_in))
-        sae.W_dec.copy_(torch.randn(sae.W_dec.shape, generator=g))
-        sae.W_dec *= (0.3 + 2.7 * torch.rand(sae.d_sae, 1, generator=g)) / sae.W_dec.norm(dim=1, keepdim=True)
-        sae.b_enc.copy_(0.1 * torch.randn(sae.d_sae, generator=g))
-        sae.b_dec.copy_(0.5 * torch.randn(sae.d_in, generator=g))
-    return sae
 
 
 def test_init_weighted_form():
