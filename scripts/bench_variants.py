@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--expansion", type=int, default=8)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--sweep", nargs="+", default=VARIANTS, help="Variants to train (saelab sweep entries).")
+    parser.add_argument("--runs-name", default="saes", help="Subfolder of --folder for the trained SAEs.")
+    parser.add_argument("--no-sparsify", action="store_true", help="Skip the sparsify baseline.")
     args = parser.parse_args()
     folder = Path(args.folder)
     started = time.time()
@@ -137,8 +140,9 @@ def main() -> None:
     n_latents = args.expansion * d_in
     cmd = TrainCommand(
         harvest=HarvestConfig(hooks=[HOOK]),
-        train=TrainConfig(cache=str(folder / "train-cache"), out=str(folder / "saes"), batch_size=args.batch_size,
-                          train_tokens=train_cache.n_tokens, sweep=VARIANTS, checkpoint_every=10**9),
+        train=TrainConfig(cache=str(folder / "train-cache"), out=str(folder / args.runs_name),
+                          batch_size=args.batch_size, train_tokens=train_cache.n_tokens, sweep=args.sweep,
+                          checkpoint_every=10**9),
         sae=SAEConfig(expansion=args.expansion, k=args.k),
     )
     trainer = Trainer(cmd, progress=True)
@@ -147,17 +151,20 @@ def main() -> None:
     folders = trainer.fit()
     saelab_seconds = time.time() - trained
     rows = [(run.spec.overrides, evaluate_saelab(f, eval_cache)) for run, f in zip(trainer.runs, folders)]
-    trained = time.time()
-    stream = CacheStream(train_cache, [HOOK], args.batch_size, seed=0, grads=False)
-    sparsify_sae = train_sparsify(stream, steps, d_in, n_latents, args.k)
-    sparsify_seconds = time.time() - trained
-    rows.append(({"architecture": "sparsify SparseCoder (topk, its defaults)"}, evaluate_sparsify(sparsify_sae, eval_cache)))
+    sparsify_seconds = 0.0
+    if not args.no_sparsify:
+        trained = time.time()
+        stream = CacheStream(train_cache, [HOOK], args.batch_size, seed=0, grads=False)
+        sparsify_sae = train_sparsify(stream, steps, d_in, n_latents, args.k)
+        sparsify_seconds = time.time() - trained
+        rows.append(({"architecture": "sparsify SparseCoder (topk, its defaults)"},
+                     evaluate_sparsify(sparsify_sae, eval_cache)))
 
     print(f"\n# bench_variants: {datetime.date.today()}, SmolLM2-135M {HOOK}, d_in {d_in}, {n_latents} latents, "
           f"k {args.k}, {steps} steps x {args.batch_size} tokens ({steps * args.batch_size:,} tokens), "
           f"eval on {eval_cache.n_tokens:,} held-out tokens")
     print(f"command: python scripts/bench_variants.py --train-tokens {args.train_tokens} --expansion {args.expansion} "
-          f"--k {args.k}; {len(VARIANTS)} saelab SAEs trained together in {saelab_seconds:.0f} s, sparsify in "
+          f"--k {args.k} --sweep {' '.join(args.sweep)}; {len(args.sweep)} saelab SAEs trained together in {saelab_seconds:.0f} s, sparsify in "
           f"{sparsify_seconds:.0f} s, total {time.time() - started:.0f} s\n")
     print("| variant | settings | FVU (held out) | L0 | never fired |")
     print("|---|---|---|---|---|")

@@ -41,9 +41,9 @@ from saelab.train.stream import open_stream
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 _PER_RUN_TRAIN_OPTIONS = ("lr", "adam_beta1", "adam_beta2", "grad_clip", "lr_warmup_steps", "lr_decay_fraction")
-# Options that do not change what is computed; a resumed run may differ in these.
+# Options that do not change what is computed (device only up to float rounding); a resumed run may differ in these.
 _RESUME_FREE = {("train", "resume"), ("train", "log_every"), ("train", "checkpoint_every"), ("train", "wandb"),
-                ("model", "device"), ("harvest", "batch_contexts")}
+                ("model", "device")}
 
 
 @dataclass
