@@ -51,6 +51,7 @@ def _hooks(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `saelab` parser: one subparser per command, flags from its dataclass config."""
     parser = argparse.ArgumentParser(prog="saelab", description="Sparse-autoencoder interpretability toolkit.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; SaelabError -> its sentence on stderr and exit status 2, Ctrl-C -> 130."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -57,10 +57,12 @@ _TORCH_VIEW = {"BF16": torch.bfloat16}
 
 
 def checksum(data: bytes | memoryview) -> str:
+    """'xxh3_128:<hex>' of in-memory bytes (the manifest's per-shard checksum)."""
     return "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
 
 
 def file_checksum(path: Path, chunk: int = 1 << 24) -> str:
+    """The same checksum, streamed from a file in `chunk`-byte blocks."""
     hasher = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -135,6 +137,7 @@ def _start_manifest(config: CacheCommand, source: ActivationSource) -> dict[str,
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
+    """The parsed manifest.json of cache folder `path`; a SaelabError if missing, corrupt or foreign."""
     file = path / MANIFEST
     if not file.is_file():
         raise SaelabError(
@@ -300,9 +303,11 @@ class ActivationCache:
 
     @property
     def n_tokens(self) -> int:
+        """Tokens stored (over all shards)."""
         return int(self._offsets[-1])
 
     def d(self, hook: str) -> int:
+        """Per-token width of `hook` in this cache."""
         return self.manifest["hooks"][self.require(hook)]["d"]
 
     def require(self, hook: str, d: int | None = None) -> str:
@@ -320,6 +325,7 @@ class ActivationCache:
         return hook
 
     def summary(self) -> str:
+        """A few human-readable lines: model, corpus, tokens, size, dtype, hooks and widths."""
         m = self.manifest
         ident = m["identity"]
         size = sum(s["bytes"] for s in m["shards"])

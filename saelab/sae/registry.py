@@ -31,6 +31,7 @@ ARCHITECTURES: dict[str, type[SAE]] = {
 
 
 def sae_class(architecture: str) -> type[SAE]:
+    """The SAE class registered as `architecture`; a SaelabError listing the known ones otherwise."""
     if architecture not in ARCHITECTURES:
         raise SaelabError(
             f"Unknown SAE architecture '{architecture}'. Known architectures: {', '.join(sorted(ARCHITECTURES))}."

@@ -31,6 +31,8 @@ def scatter_topk(values: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Te
 
 
 class TopKSAE(SAE):
+    """TopK SAE: code a [batch, d_sae] keeps ReLU(z) at the k best selection scores per token (module docstring)."""
+
     architecture = "topk"
     sections = ("aux", "topk")
 

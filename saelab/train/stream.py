@@ -50,6 +50,7 @@ class CacheStream:
         return self.cache.read(index.sort().values, hooks=self.hooks, grads=self.grads)
 
     def batches(self, start_step: int = 0) -> Iterator[ActivationBatch]:
+        """Endless [batch_size]-token batches from step `start_step` on (earlier batches are skipped unread)."""
         epoch, offset = divmod(start_step, self.steps_per_epoch)
         while True:
             yield from self.cache.batches(
@@ -79,6 +80,7 @@ class LiveStream:
         return ActivationBatch.cat(list(self.source.stream(contexts, self.cmd.harvest.batch_contexts)))
 
     def batches(self, start_step: int = 0) -> Iterator[ActivationBatch]:
+        """Endless batches from step `start_step` on (earlier ones are harvested and dropped)."""
         train = self.cmd.train
         harvested = self.source.stream(self._contexts(), self.cmd.harvest.batch_contexts)
         buffer = ShuffleBuffer(harvested, train.buffer_tokens, train.batch_size, seed=self.cmd.data.seed, drop_last=True)

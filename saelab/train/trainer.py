@@ -294,6 +294,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> list[Path]:
+        """Train to --train-tokens (from the checkpoint when resuming); returns the saved SAE folders."""
         train = self.cmd.train
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(to_dict(self.cmd), indent=2))
