@@ -50,15 +50,6 @@ CASES = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """Small matrices train faster (and reproducibly) on one thread; restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def grid_argmin(u: torch.Tensor, penalty) -> torch.Tensor:
     """Brute-force argmin_a 1/2 (a - u)^2 + penalty(a) for each u [n] (float64): a grid of step 1e-3 on [-4, 4],
     refined with step 1e-6 within +-2e-3 of its best point; a = 0 (the other basin of the jumping operators)
