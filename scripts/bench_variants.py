@@ -79,7 +79,9 @@ def evaluate_saelab(folder: Path, eval_cache: ActivationCache) -> dict[str, floa
     result = Evaluation(sae.d_sae)
     for batch in eval_cache.batches(4096, hooks=[HOOK], shuffle=False):
         x = batch.acts[HOOK].float()
-        result.add(x, sae(x), sae.encode(x))
+        x_n, stats = sae.normalize(x)
+        acts = sae.activate(sae.encode_pre(x_n))  # inference code; decoded below, so each batch is encoded once
+        result.add(x, sae.denormalize(sae.decode(acts), stats), acts)
     return result.result()
 
 

@@ -165,8 +165,8 @@ def _open_for_build(out: Path, config: CacheCommand) -> dict[str, Any] | None:
             shutil.rmtree(out)
             return None
         raise SaelabError(
-            f"{out} exists and is not a saelab cache; refusing to write into it. Choose another --out "
-            "(or pass --overwrite to delete its contents)."
+            f"{out} exists and is not a saelab cache; refusing to write into it. Choose another folder (--out for "
+            "`saelab cache`, --cache for `saelab train`), or pass --overwrite to `saelab cache` to delete its contents."
         )
     manifest = read_manifest(out)
     mismatch = _describe_mismatch(manifest["identity"], _identity(config))
@@ -175,8 +175,8 @@ def _open_for_build(out: Path, config: CacheCommand) -> dict[str, Any] | None:
             shutil.rmtree(out)
             return None
         raise SaelabError(
-            f"{out} holds a cache built with other settings ({mismatch}). Use another --out, or --overwrite "
-            "to delete it."
+            f"{out} holds a cache built with other settings ({mismatch}). Use another folder (--out for "
+            "`saelab cache`, --cache for `saelab train`), or pass --overwrite to `saelab cache` to delete it."
         )
     return manifest
 
