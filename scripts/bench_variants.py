@@ -24,6 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+if not torch.cuda.is_available():  # sparsify picks its Triton decoder whenever Triton is importable, even on CPU
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+
 from saelab.activations import ActivationCache, build_cache
 from saelab.config import CacheCommand, CacheConfig, DataConfig, HarvestConfig, SAEConfig, TrainCommand, TrainConfig
 from saelab.sae import load_sae

@@ -6,7 +6,7 @@ import torch
 
 from saelab.config import AuxConfig, SAEConfig, TopKConfig
 from saelab.sae.abstopk import AbsTopKSAE
-from saelab.sae.base import StepContext
+from saelab.sae.base import EncoderPass, StepContext
 from saelab.sae.topk import TopKSAE
 from saelab.synthetic import PlantedDictionary, cosine_matrix, fit_planted, mmcs
 
@@ -53,25 +53,27 @@ def test_gradient_reaches_selected_entries_only():
     sae = make(aux_coef=0.0)
     out = sae.training_loss(torch.randn(3, 32), StepContext())
     out.loss.backward()
-    selected = (out.acts != 0).any(dim=0)
+    selected = (out.code.dense() != 0).any(dim=0)
     assert (sae.W_enc.grad[:, ~selected] == 0).all()
     assert (sae.W_enc.grad[:, selected].abs().sum(dim=0) > 0).all()
 
 
 def test_signed_auxk_picks_dead_latents_by_magnitude():
     sae = make(d_in=8, d_sae=6, k=1, k_aux=2, aux_coef=1.0, rescale_by_decoder_norm=False)
-    z = torch.tensor([[5.0, -3.0, 0.5, 2.0, -0.1, 1.0], [4.0, -2.5, 0.2, 1.5, 0.3, -0.9]], requires_grad=True)
+    z = torch.tensor([[5.0, -3.0, 0.5, 2.0, -0.1, 1.0], [4.0, -2.5, 0.2, 1.5, 0.3, -0.9]])
     dead = torch.tensor([False, True, True, True, True, True])
     x_n = torch.randn(2, 8)
+    encoder = EncoderPass(sae, x_n, sparse_kernels=True)
+    encoder.z = z  # the pass's dense pre-activations, as if x_n had produced them
     x_hat = sae.decode(sae.activate(z, StepContext(dead=dead))).detach()
-    loss = sae.auxk_loss(x_n, z, x_hat, dead)
+    loss = sae.auxk_loss(encoder, x_n, x_hat, dead)
     loss.backward()
     # top-2 |z| among dead latents: 1 (negative!) and 3, in both rows; latent 0 is alive
-    assert (z.grad[:, [1, 3]] != 0).all()
-    assert (z.grad[:, [0, 2, 4, 5]] == 0).all()
+    assert (sae.b_enc.grad[[1, 3]] != 0).all()
+    assert (sae.b_enc.grad[[0, 2, 4, 5]] == 0).all()
     touched = sae.W_dec.grad.abs().sum(dim=1) > 0
     assert touched.tolist() == [False, True, False, True, False, False]
-    assert sae.auxk_loss(x_n, z, x_hat, torch.zeros(6, dtype=torch.bool)) == 0
+    assert sae.auxk_loss(encoder, x_n, x_hat, torch.zeros(6, dtype=torch.bool)) == 0
 
 
 def test_planted_signed_dictionary_recovery():

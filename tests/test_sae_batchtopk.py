@@ -6,9 +6,10 @@ import torch
 
 from saelab.config import AuxConfig, SAEConfig, TopKConfig
 from saelab.errors import SaelabError
+from saelab.kernels import SparseCode
 from saelab.sae import io as sae_io
 from saelab.sae.base import StepContext
-from saelab.sae.batchtopk import BatchTopKSAE, batch_topk, ema_threshold_
+from saelab.sae.batchtopk import BatchTopKSAE, batch_topk_layout, ema_threshold_
 from saelab.sae.registry import ARCHITECTURES
 from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
 from saelab.train.step import train_step
@@ -42,20 +43,20 @@ def test_training_selection_is_the_global_top_kb():
     assert torch.equal(a[a != 0], z[a != 0])  # values are the pre-activations themselves
 
 
-def test_batch_topk_helper_and_gradients():
-    values = torch.randn(8, 10, requires_grad=True)
-    out = batch_topk(values, values.detach(), 5)
-    assert int((out != 0).sum()) == 5
-    out.sum().backward()
-    assert int((values.grad != 0).sum()) == 5
-    assert torch.equal(values.grad != 0, out != 0)
+def test_batch_topk_layout_keeps_the_largest_entries_of_the_whole_batch():
+    scores = torch.randn(8, 10)
+    layout = batch_topk_layout(scores, 5)
+    assert layout.nnz == 5 and layout.batch == 8
+    kept = layout.to_dense(torch.ones(5)).bool()
+    assert torch.equal(kept, scores >= scores.reshape(-1).topk(5).values[-1])
+    assert batch_topk_layout(scores, 1000).nnz == 80  # capped at the batch size
 
 
 def test_unselected_latents_get_zero_encoder_gradient():
     sae = make(aux_coef=0.0)
     out = sae.training_loss(torch.randn(3, 32), StepContext())
     out.loss.backward()
-    selected = (out.acts != 0).any(dim=0)
+    selected = (out.code.dense() != 0).any(dim=0)
     assert (sae.W_enc.grad[:, ~selected] == 0).all()
     assert (sae.W_enc.grad[:, selected].abs().sum(dim=0) > 0).all()
 
@@ -89,13 +90,13 @@ def expected_code(sae, x):
 def test_threshold_running_minimum():
     sae = make(threshold_rate=0.25)
     a1 = torch.tensor([[0.0, 0.5, 2.0], [0.3, 0.0, 0.0]])
-    sae.update_inference_state(a1, a1)
+    sae.update_inference_state(SparseCode.from_dense(a1))
     assert torch.isclose(sae.threshold, torch.tensor(0.3))  # first update sets theta directly
     a2 = torch.tensor([[1.0, 0.0, 0.9]])
-    sae.update_inference_state(a2, a2)
+    sae.update_inference_state(SparseCode.from_dense(a2))
     assert torch.isclose(sae.threshold, torch.tensor(0.75 * 0.3 + 0.25 * 0.9))
     before = sae.threshold.clone()
-    sae.update_inference_state(torch.zeros(2, 3), torch.zeros(2, 3))  # nothing kept: unchanged
+    sae.update_inference_state(SparseCode.from_dense(torch.zeros(2, 3)))  # nothing kept: unchanged
     assert torch.equal(sae.threshold, before)
 
 
@@ -109,7 +110,7 @@ def test_train_step_updates_threshold_from_the_training_code():
     sae = make()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
     out = train_step(sae, opt, torch.randn(64, 32), StepContext())
-    assert torch.isclose(sae.threshold, out.acts[out.acts > 0].min())
+    assert torch.isclose(sae.threshold, out.code.dense()[out.code.dense() > 0].min())
 
 
 def test_auxk_as_topk():
@@ -134,7 +135,7 @@ def test_save_load_with_folded_input_scale_keeps_codes(tmp_path, monkeypatch):
         sae.b_dec.copy_(torch.randn(32) * 0.1)
     x = torch.randn(256, 32)
     z = sae.encode_pre(sae.normalize(x)[0])
-    sae.update_inference_state(z, batch_topk(z.relu(), z.relu(), 4 * 256))
+    sae.update_inference_state(SparseCode(layout := batch_topk_layout(z.relu(), 4 * 256), z[layout.rows, layout.indices].relu()))
     loaded = sae_io.load_sae(sae_io.save_sae(sae, tmp_path / "btk"))
     assert loaded.input_scale == 1
     assert torch.equal(loaded.threshold, sae.threshold)

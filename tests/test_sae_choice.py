@@ -6,10 +6,11 @@ import torch
 
 from saelab.config import AuxConfig, ChoiceConfig, SAEConfig, TopKConfig
 from saelab.errors import SaelabError
+from saelab.kernels import SparseCode
 from saelab.sae import io as sae_io
-from saelab.sae.base import StepContext
+from saelab.sae.base import EncoderPass, StepContext
 from saelab.sae.batchtopk import BatchTopKSAE
-from saelab.sae.choice import ChoiceSAE, feature_choice, zipf_capacities, zipf_weights
+from saelab.sae.choice import ChoiceSAE, feature_choice_layout, zipf_capacities, zipf_weights
 from saelab.sae.registry import ARCHITECTURES
 from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
 
@@ -39,8 +40,8 @@ def test_mutual_choice_equals_batchtopk():
     a_choice, a_btk = choice.activate(z, StepContext()), btk.activate(z, StepContext())
     assert torch.equal(a_choice, a_btk)
     assert int((a_choice != 0).sum()) == 4 * 64
-    choice.update_inference_state(z, a_choice)
-    btk.update_inference_state(z, a_btk)
+    choice.update_inference_state(SparseCode.from_dense(a_choice))
+    btk.update_inference_state(SparseCode.from_dense(a_btk))
     assert choice.threshold.shape == () and torch.equal(choice.threshold, btk.threshold)
     assert torch.equal(choice.encode(x), btk.encode(x))
 
@@ -79,12 +80,12 @@ def test_feature_choice_mean_row_l0_is_k_when_affinities_are_positive():
     assert (a != 0).sum(dim=1).float().mean() == 4
 
 
-def test_feature_choice_helper_gradients():
-    values = torch.rand(10, 3, requires_grad=True)
-    out = feature_choice(values, values.detach(), torch.tensor([2, 0, 5]))
-    assert (out != 0).sum(dim=0).tolist() == [2, 0, 5]
-    out.sum().backward()
-    assert torch.equal(values.grad != 0, out != 0)
+def test_feature_choice_layout_fills_each_column_budget_with_its_best_tokens():
+    scores = torch.rand(10, 3)
+    kept = feature_choice_layout(scores, torch.tensor([2, 0, 5])).to_dense(torch.ones(7)).bool()
+    assert kept.sum(dim=0).tolist() == [2, 0, 5]
+    assert torch.equal(kept[:, 0], scores[:, 0] >= scores[:, 0].topk(2).values[-1])
+    assert torch.equal(kept[:, 2], scores[:, 2] >= scores[:, 2].topk(5).values[-1])
 
 
 def test_zipf_capacities():
@@ -120,11 +121,11 @@ def test_feature_thresholds_are_per_latent_running_minima():
     sae = make("feature", d_sae=3, k=1, topk=TopKConfig(threshold_rate=0.5))
     assert sae.threshold.shape == (3,)
     a1 = torch.tensor([[0.5, 0.0, 0.0], [2.0, 0.0, 0.7]])
-    sae.update_inference_state(a1, a1)
+    sae.update_inference_state(SparseCode.from_dense(a1))
     assert sae.threshold[0] == 0.5 and sae.threshold[2] == pytest.approx(0.7)
     assert sae.threshold[1] == float("inf")  # never kept: never fires at inference
     a2 = torch.tensor([[1.5, 0.4, 0.0]])
-    sae.update_inference_state(a2, a2)
+    sae.update_inference_state(SparseCode.from_dense(a2))
     assert torch.allclose(sae.threshold, torch.tensor([1.0, 0.4, 0.7]))
     z = torch.tensor([[0.9, 0.5, 0.8], [1.2, 0.3, 0.6]])
     assert torch.equal(sae.activate(z), torch.tensor([[0.0, 0.5, 0.8], [1.2, 0.0, 0.0]]))
@@ -133,10 +134,10 @@ def test_feature_thresholds_are_per_latent_running_minima():
 def test_running_frequency():
     sae = make("mutual", d_sae=3, k=1, topk=TopKConfig(threshold_rate=0.5))
     a1 = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
-    sae.update_inference_state(a1, a1)
+    sae.update_inference_state(SparseCode.from_dense(a1))
     assert sae.feature_freq.tolist() == [1.0, 0.5, 0.0] and int(sae.freq_updates) == 1
     a2 = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
-    sae.update_inference_state(a2, a2)
+    sae.update_inference_state(SparseCode.from_dense(a2))
     assert sae.feature_freq.tolist() == [0.5, 0.75, 0.0]
 
 
@@ -169,9 +170,8 @@ def test_aux_zipf_loss_reaches_only_underused_latents():
     sae.freq_updates.fill_(1)
     underused = sae.underused(None)
     assert set(underused.nonzero().flatten().tolist()) == set(low.tolist())
-    z = sae.encode_pre(x)
-    x_hat = sae.decode(sae.activate(z, StepContext())).detach()
-    loss = sae.auxk_loss(x, z, x_hat, underused)
+    x_hat = sae.decode(sae.activate(sae.encode_pre(x), StepContext())).detach()
+    loss = sae.auxk_loss(EncoderPass(sae, x, sparse_kernels=True), x, x_hat, underused)
     assert loss > 0
     loss.backward()
     touched = sae.W_dec.grad.abs().sum(dim=1) > 0
@@ -194,7 +194,7 @@ def test_feature_mode_save_load_roundtrip(tmp_path, monkeypatch):
     sae = make("feature", d_sae=32)
     x = torch.randn(128, 32)
     z = sae.encode_pre(x)
-    sae.update_inference_state(z, sae.activate(z, StepContext()))
+    sae.update_inference_state(SparseCode.from_dense(sae.activate(z, StepContext())))
     loaded = sae_io.load_sae(sae_io.save_sae(sae, tmp_path / "fc"))
     assert loaded.threshold.shape == (32,)
     assert torch.equal(loaded.threshold, sae.threshold) and torch.equal(loaded.feature_freq, sae.feature_freq)

@@ -44,7 +44,7 @@ def test_reduces_to_topk_exactly():
         z = gsae.encode_pre(x)
         assert torch.equal(gsae.activate(z, ctx), topk.activate(z, StepContext()))
         out_g, out_t = gsae.training_loss(x, ctx), topk.training_loss(x, StepContext())
-        assert torch.equal(out_g.acts, out_t.acts) and torch.equal(out_g.loss, out_t.loss)
+        assert torch.equal(out_g.code.dense(), out_t.code.dense()) and torch.equal(out_g.loss, out_t.loss)
     gsae, topk = paired(1.0)
     assert torch.equal(gsae.encode(x), topk.encode(x))  # inference: no gradients, plain TopK
 
@@ -117,7 +117,7 @@ def test_planted_recovery_with_synthetic_gradients():
             out = train_step(sae, opt, x, StepContext(grads=readout_grads(x, readout)))
             if step % 100 == 0:
                 with torch.no_grad():
-                    changed += int(((out.acts != 0) != (TopKSAE.activate(sae, sae.encode_pre(x)) != 0)).any())
+                    changed += int(((out.code.dense() != 0) != (TopKSAE.activate(sae, sae.encode_pre(x)) != 0)).any())
     finally:
         torch.set_num_threads(threads)
     assert changed > 0  # the gradients did steer the selection during training

@@ -45,7 +45,7 @@ def test_exact_sparse_inputs_give_the_true_support_and_exact_reconstruction(d_in
         codes[row, support] = torch.rand(int(size), generator=generator, dtype=torch.float64) + 0.1
     x = codes @ sae.W_dec.detach() + sae.b_dec.detach()  # x - b_dec = sum_i c_i d_i exactly
     z = sae.encode_pre(x)
-    selection = sae.select(z, sae.target_norm(x))
+    selection = sae.afa_code(z, sae.target_norm(x))
     assert torch.equal(selection.k, sizes)
     torch.testing.assert_close(sae.encode(x), codes)
     torch.testing.assert_close(sae(x), x)
@@ -70,7 +70,7 @@ def test_k_star_is_between_one_and_n_minus_one():
     torch.manual_seed(0)
     sae = _sae(d_in=8, d_sae=12)
     x = torch.cat([torch.randn(200, 8) * torch.logspace(-3, 3, 200)[:, None], sae.b_dec.detach()[None]])
-    selection = sae.select(sae.encode_pre(x), sae.target_norm(x))
+    selection = sae.afa_code(sae.encode_pre(x), sae.target_norm(x))
     assert int(selection.k.min()) >= 1 and int(selection.k.max()) <= 11
     assert int(selection.k[-1]) == 1  # x = b_dec: target 0, k* = 1
     # A tiny encoder undershoots every partial sum: all positive latents are kept (ties on the zeros resolve
@@ -82,7 +82,7 @@ def test_k_star_is_between_one_and_n_minus_one():
         sae.b_enc.fill_(1e-4)  # every pre-activation of this token positive
     x = x[:-1]
     z = sae.encode_pre(x)
-    selection = sae.select(z, sae.target_norm(x))
+    selection = sae.afa_code(z, sae.target_norm(x))
     assert torch.all(selection.k == (z > 0).sum(-1).clamp(1, 11))
     assert int(selection.k.max()) == 11
     kept_all_positive = selection.k == (z > 0).sum(-1)
@@ -102,14 +102,14 @@ def test_selection_targets_the_norm_of_x_minus_b_dec():
     wrong = afa_select(z.relu(), norms, x.norm(dim=-1)).acts
     assert not torch.equal(expected, wrong)  # the test can tell the two targets apart
     torch.testing.assert_close(sae.encode(x), expected)
-    torch.testing.assert_close(sae.training_loss(x, StepContext()).acts, expected)
+    torch.testing.assert_close(sae.training_loss(x, StepContext()).code.dense(), expected)
 
 
 def test_activate_refuses_a_pre_activation_it_did_not_see():
     sae = _sae()
     x = torch.randn(4, 16)
     z = sae.encode_pre(x)
-    torch.testing.assert_close(sae.activate(z), sae.select(z, sae.target_norm(x)).acts)
+    torch.testing.assert_close(sae.activate(z), sae.afa_code(z, sae.target_norm(x)).acts)
     with pytest.raises(SaelabError, match="encode_pre"):
         sae.activate(z.clone())
     clone = copy.deepcopy(sae)  # save_sae deep-copies before folding
@@ -139,11 +139,11 @@ def test_loss_terms_and_gradients_reach_only_kept_latents():
         sae.W_enc.mul_(0.3)
     x = torch.randn(1, 8)
     out = sae.training_loss(x, StepContext())
-    gap = out.acts.norm(dim=-1) - x.norm(dim=-1)
+    gap = out.code.dense().norm(dim=-1) - x.norm(dim=-1)
     torch.testing.assert_close(out.terms["afa"], 0.5 * gap.pow(2).mean())
     assert float(out.terms["auxk"]) == 0.0  # nothing dead
     out.loss.backward()
-    kept = out.acts[0] > 0
+    kept = out.code.dense()[0] > 0
     assert 1 <= int(kept.sum()) < 40
     assert torch.all(sae.W_enc.grad[:, ~kept] == 0)
     assert torch.all(sae.W_enc.grad[:, kept].abs().sum(0) > 0)
@@ -206,13 +206,14 @@ def test_topafa_on_planted_data_reconstructs_with_norm_matched_codes(planted_top
     with torch.no_grad():
         out = sae.training_loss(x, StepContext())
     assert float(out.terms["mse"]) < 0.05  # FVU
-    l0 = (out.acts > 0).float().sum(-1)
+    acts = out.code.dense()
+    l0 = (acts > 0).float().sum(-1)
     assert 1 <= float(l0.mean()) < 191
     # Norm matching: ||a|| tracks ||x - b_dec|| token by token (the AFA relation), though it falls short where
     # the encoder's whole positive output is smaller than the target.
     target = sae.target_norm(x)
-    assert torch.corrcoef(torch.stack([out.acts.norm(dim=-1), target]))[0, 1] > 0.9
-    assert float((out.acts.norm(dim=-1) - target).abs().mean()) < 0.2 * float(target.mean())
+    assert torch.corrcoef(torch.stack([acts.norm(dim=-1), target]))[0, 1] > 0.9
+    assert float((acts.norm(dim=-1) - target).abs().mean()) < 0.2 * float(target.mean())
 
 
 @pytest.mark.xfail(

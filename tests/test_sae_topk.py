@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from saelab.config import AuxConfig, SAEConfig, TopKConfig
-from saelab.sae.base import StepContext
+from saelab.sae.base import EncoderPass, StepContext
 from saelab.sae.topk import TopKSAE, normalized_mse
 from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
 
@@ -39,7 +39,7 @@ def test_unselected_latents_get_zero_encoder_gradient():
     dead[100:] = True  # AuxK would touch these, but aux_coef = 0
     out = sae.training_loss(x, StepContext(dead=dead))
     out.loss.backward()
-    selected = (out.acts != 0).any(dim=0)
+    selected = (out.code.dense() != 0).any(dim=0)
     assert 4 <= int(selected.sum()) <= 12
     assert (sae.W_enc.grad[:, ~selected] == 0).all()
     assert (sae.b_enc.grad[~selected] == 0).all()
@@ -56,14 +56,14 @@ def test_auxk_is_zero_without_dead_latents():
         assert torch.allclose(out.loss, out.terms["mse"])
 
 
-def test_auxk_gradient_reaches_only_dead_latents():
+@pytest.mark.parametrize("sparse_kernels", [True, False])
+def test_auxk_gradient_reaches_only_dead_latents(sparse_kernels):
     sae = make(aux_coef=1.0, k_aux=8)
     x = torch.randn(16, 32)
     dead = torch.zeros(192, dtype=torch.bool)
     dead[torch.randperm(192)[:40]] = True
-    z = sae.encode_pre(x)
-    x_hat = sae.decode(sae.activate(z, StepContext(dead=dead)))
-    loss = sae.auxk_loss(x, z, x_hat, dead)
+    x_hat = sae.decode(sae.activate(sae.encode_pre(x), StepContext(dead=dead))).detach()
+    loss = sae.auxk_loss(EncoderPass(sae, x, sparse_kernels), x, x_hat, dead)
     assert loss > 0
     loss.backward()
     touched_dec = sae.W_dec.grad.abs().sum(dim=1) > 0

@@ -213,4 +213,4 @@ def test_threshold_sae_recovers_a_planted_dictionary(one_thread, family, lam, ga
     for _ in range(1000):
         out = train_step(sae, optimizer, data.sample(512), StepContext())
     assert mmcs(sae.W_dec, data.dictionary) > 0.9
-    assert float((out.acts > 0).float().sum(-1).mean()) < 8  # sparse: the true L0 is 2.9
+    assert float((out.code.dense() > 0).float().sum(-1).mean()) < 8  # sparse: the true L0 is 2.9

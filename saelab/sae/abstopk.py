@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from saelab.kernels import SparseLayout
 from saelab.sae.base import StepContext
-from saelab.sae.topk import TopKSAE, normalized_mse, scatter_topk
+from saelab.sae.topk import TopKSAE
 
 
 class AbsTopKSAE(TopKSAE):
@@ -33,22 +34,10 @@ class AbsTopKSAE(TopKSAE):
         """[batch, d_sae] |z| (times ||d_i|| when rescale_by_decoder_norm)."""
         return super().selection_scores(z, ctx).abs()
 
-    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
-        """z [batch, d_sae] -> a [batch, d_sae]: z on the k largest |scores| per row, 0 elsewhere."""
-        return scatter_topk(z, self.selection_scores(z, ctx), self.cfg.k)
+    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
+        """The kept pre-activations themselves, signs included."""
+        return z_at
 
-    def auxk_loss(
-        self, x_n: torch.Tensor, z: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Signed AuxK: the k_aux dead latents of largest |z| (values z) reconstruct the detached residual.
-
-        L_aux = ||e - a_aux @ W_dec||^2 / ||e - mean(e)||^2 with e = x_n - x_hat detached; 0 if nothing is dead.
-        """
-        n_dead = 0 if dead is None else int(dead.sum())
-        if n_dead == 0:
-            return z.new_zeros(())
-        k_aux = min(self.option("aux").k_aux or self.d_in // 2, n_dead)
-        residual = (x_n - x_hat).detach()
-        dead_scores = z.abs().masked_fill(~dead, float("-inf"))
-        a_aux = scatter_topk(z, dead_scores, k_aux)
-        return normalized_mse(residual, a_aux @ self.W_dec).nan_to_num(0.0)
+    def aux_scores(self, z: torch.Tensor) -> torch.Tensor:
+        """Signed AuxK ranks dead latents by |z| (and keeps their signed z)."""
+        return z.abs()

@@ -1,7 +1,7 @@
 """The SAE base class: parameters, input normalisation, encode/decode, losses, save-time folding.
 
-A variant is one subclass that sets `architecture`, lists the config `sections` it reads, and implements
-`activate` (the selection / threshold) and, if it has one, `sparsity_loss`. Everything else is shared:
+A variant is one subclass that sets `architecture`, lists the config `sections` it reads, and defines its
+code in one of two ways. Everything else is shared:
 
     x (raw activations)                               [batch, d_in]
       -> normalize:   x_n = x * input_scale  |  per-token layer norm
@@ -9,6 +9,14 @@ A variant is one subclass that sets `architecture`, lists the config `sections` 
       -> activate:    a = variant's selection / threshold of z       [batch, d_sae]
       -> decode:      x_hat_n = a @ W_dec + b_dec                    [batch, d_in]
       -> denormalize: x_hat (raw space)
+
+- Sparse-code variants (the top-k family, choice SAEs) implement `select` (which entries of z are kept: a
+  SparseLayout, no gradient) and `values_at` (the code's values from z at those entries, differentiable),
+  plus `code_losses` for auxiliary terms. Training then never builds a dense [batch, d_sae] code or gradient:
+  the encoder pass and decoder run on saelab.kernels' sparse autograd functions (or their dense fallback
+  when the code is too dense for them to win; same numbers either way).
+- Dense variants (ReLU-L1, JumpReLU, thresholds, top-AFA) implement `activate` and `sparsity_loss` on
+  dense [batch, d_sae] tensors.
 
 Losses are computed in the normalised space, so coefficients do not depend on the model's activation
 scale; `fold()` moves the constant input scale (and, where exact, decoder norms) into the weights, so a
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import cached_property
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -26,6 +35,7 @@ from torch import nn
 
 from saelab.config import SAE_SECTIONS, SAEConfig
 from saelab.errors import SaelabError
+from saelab.kernels import SparseCode, SparseLayout, decode, encode_at
 from saelab.sae.geometric_median import geometric_median
 
 INPUT_NORMS = ("none", "constant", "layernorm")
@@ -39,18 +49,60 @@ class StepContext(NamedTuple):
     sparsity_scale: warmup factor in [0, 1] for sparsity coefficients
     dead:           [d_sae] bool, latents that have not fired for `dead_tokens` (None: none tracked)
     grads:          [batch, d_in] d(LM loss)/d(x) in the SAE's normalised space (g-SAE), or None
+    sparse_kernels: sparse-code variants use saelab.kernels' sparse backward where it wins (False: always
+                    the dense backward, the reference the sparse path is tested against)
     """
 
     sparsity_scale: float = 1.0
     dead: torch.Tensor | None = None
     grads: torch.Tensor | None = None
+    sparse_kernels: bool = True
 
 
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # scalar to minimise
     terms: dict[str, torch.Tensor]  # named scalar parts (detached), e.g. {"mse": ..., "auxk": ...}
-    acts: torch.Tensor  # [batch, d_sae] the code
+    code: SparseCode  # the code (values detached)
     x_hat: torch.Tensor  # [batch, d_in] reconstruction, normalised space
+
+
+# Codes with more than this fraction of [batch, d_sae] entries kept train faster through dense matmuls than
+# through the sparse kernels (measured by scripts/bench_step.py --crossover; see BENCHMARKS.md).
+DENSE_CROSSOVER = 0.05
+
+
+class EncoderPass:
+    """One batch's encoder pass for a sparse-code variant: dense pre-activations for selecting entries,
+    differentiable pre-activations and decoding at the selected entries only.
+
+    The encoder input is x_n - center, center = b_dec with pre_enc_bias (its gradient flows) or None;
+    z [batch, d_sae] is computed once (on first use), without autograd.
+    """
+
+    def __init__(self, sae: SAE, x_n: torch.Tensor, sparse_kernels: bool):
+        self.sae = sae
+        self.x_n = x_n
+        self.center = sae.b_dec if sae.cfg.pre_enc_bias else None
+        self.sparse_kernels = sparse_kernels
+
+    @cached_property
+    def z(self) -> torch.Tensor:
+        with torch.no_grad():
+            x_in = self.x_n if self.center is None else self.x_n - self.center
+            return torch.addmm(self.sae.b_enc, x_in, self.sae.W_enc)
+
+    def use_dense(self, layout: SparseLayout) -> bool:
+        return not self.sparse_kernels or layout.nnz > DENSE_CROSSOVER * layout.batch * layout.n_latents
+
+    def at(self, layout: SparseLayout) -> torch.Tensor:
+        """[nnz] z at the layout's entries, with gradients to the encoder's inputs and weights."""
+        z_at = self.z[layout.rows, layout.indices]
+        sae = self.sae
+        return encode_at(self.x_n, self.center, sae.W_enc, sae.b_enc, layout, z_at, dense=self.use_dense(layout))
+
+    def decode(self, code: SparseCode) -> torch.Tensor:
+        """[batch, d_in] code @ W_dec (no bias), with gradients to the values and W_dec."""
+        return decode(code.values, self.sae.W_dec, code.layout, dense=self.use_dense(code.layout))
 
 
 class SAE(nn.Module):
@@ -62,6 +114,7 @@ class SAE(nn.Module):
     decoder_norm_foldable: ClassVar[bool] = False  # fold ||d_i|| into the encoder at save (exact for ReLU/JumpReLU)
     signed: ClassVar[bool] = False  # codes may be negative (AbsTopK): statistics count a != 0
     default_lr: ClassVar[float] = 2e-4  # scaled by (d_sae / 2**14) ** -0.5 when --lr is 0
+    sparse_code: ClassVar[bool] = False  # the variant implements select / values_at / code_losses
 
     def __init__(self, d_in: int, cfg: SAEConfig, options: dict[str, Any] | None = None, metadata: dict | None = None):
         super().__init__()
@@ -133,9 +186,22 @@ class SAE(nn.Module):
             x_n = x_n - self.b_dec
         return x_n @ self.W_enc + self.b_enc
 
+    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+        """Sparse-code variants: z [batch, d_sae] (no grad) -> the entries the code keeps."""
+        raise NotImplementedError
+
+    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
+        """Sparse-code variants: z at the kept entries [nnz] -> the code's values there [nnz] (differentiable)."""
+        raise NotImplementedError
+
+    def sparse_encode(self, z: torch.Tensor, ctx: StepContext | None = None) -> SparseCode:
+        """Sparse-code variants: z [batch, d_sae] -> the code as a SparseCode (no autograd through selection)."""
+        layout = self.select(z.detach(), ctx)
+        return SparseCode(layout, self.values_at(z[layout.rows, layout.indices], layout, ctx))
+
     def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """z [batch, d_sae] -> code a [batch, d_sae]. ctx is None at inference (use inference thresholds)."""
-        raise NotImplementedError
+        return self.sparse_encode(z, ctx).dense()
 
     def decode(self, a: torch.Tensor) -> torch.Tensor:
         """a [batch, d_sae] -> reconstruction [batch, d_in] in the normalised space."""
@@ -163,29 +229,47 @@ class SAE(nn.Module):
     def sparsity_loss(
         self, x_n: torch.Tensor, z: torch.Tensor, a: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
-        """Named loss terms besides reconstruction (already weighted by their coefficients)."""
+        """Dense variants: named loss terms besides reconstruction (already weighted by their coefficients)."""
+        return {}
+
+    def code_losses(
+        self, encoder: EncoderPass, x_n: torch.Tensor, code: SparseCode, x_hat: torch.Tensor, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        """Sparse-code variants: named loss terms besides reconstruction (e.g. AuxK), weighted."""
         return {}
 
     def training_loss(self, x_n: torch.Tensor, ctx: StepContext) -> LossOutput:
         """x_n [batch, d_in] in the normalised space -> loss and its parts."""
-        z = self.encode_pre(x_n)
-        a = self.activate(z, ctx)
-        x_hat = self.decode(a)
-        terms = {"mse": self.reconstruction_loss(x_n, x_hat)}
-        terms.update(self.sparsity_loss(x_n, z, a, x_hat, ctx))
+        if self.sparse_code:
+            encoder = EncoderPass(self, x_n, ctx.sparse_kernels)
+            layout = self.select(encoder.z, ctx)
+            code = SparseCode(layout, self.values_at(encoder.at(layout), layout, ctx))
+            x_hat = encoder.decode(code) + self.b_dec
+            terms = {"mse": self.reconstruction_loss(x_n, x_hat)}
+            terms.update(self.code_losses(encoder, x_n, code, x_hat, ctx))
+        else:
+            z = self.encode_pre(x_n)
+            a = self.activate(z, ctx)
+            x_hat = self.decode(a)
+            terms = {"mse": self.reconstruction_loss(x_n, x_hat)}
+            terms.update(self.sparsity_loss(x_n, z, a, x_hat, ctx))
+            code = SparseCode.from_dense(a)
         loss = sum(terms.values())
-        return LossOutput(loss, {k: v.detach() for k, v in terms.items()}, a, x_hat)
+        detached = SparseCode(code.layout, code.values.detach())
+        return LossOutput(loss, {k: v.detach() for k, v in terms.items()}, detached, x_hat)
 
-    def update_inference_state(self, z: torch.Tensor, a: torch.Tensor) -> None:
-        """After each training step (no grad): e.g. running thresholds of batch-level variants."""
+    def update_inference_state(self, code: SparseCode) -> None:
+        """After each training step (no grad), from its code: e.g. running thresholds of batch-level variants."""
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
         """Unit-norm decoders: project out the gradient component parallel to each row (after backward)."""
         if not self.unit_norm_decoder or self.W_dec.grad is None:
             return
-        unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
-        self.W_dec.grad -= (self.W_dec.grad * unit).sum(dim=1, keepdim=True) * unit
+        W, grad = self.W_dec, self.W_dec.grad
+        # grad -= (grad . d_i / ||d_i||^2) d_i, row by row, without [d_sae, d_in] temporaries
+        parallel = torch.bmm(grad.unsqueeze(1), W.unsqueeze(2)).view(-1) / W.norm(dim=1).square()
+        grad.addcmul_(W, parallel.unsqueeze(1), value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

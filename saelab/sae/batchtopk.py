@@ -9,7 +9,7 @@ so the per-token L0 varies while its batch mean is k. Gradients reach only the k
 
 Inference (ctx None): a batch-independent JumpReLU with one scalar threshold,
 
-    a = z * 1[z > theta],
+    a = ReLU(z) * 1[z > theta]      (= z * 1[z > theta] once theta >= 0, as it always is after training),
 
 where theta is a running estimate of the smallest kept activation: after every training step,
 theta <- (1 - eta) * theta + eta * min{a_ti : a_ti > 0} with eta = threshold_rate; the first update sets
@@ -27,22 +27,17 @@ from __future__ import annotations
 import torch
 
 from saelab.errors import SaelabError
+from saelab.kernels import SparseCode, SparseLayout
 from saelab.sae.base import StepContext
 from saelab.sae.topk import TopKSAE
 
 
-def batch_topk(values: torch.Tensor, scores: torch.Tensor, k_total: int) -> torch.Tensor:
-    """Keep `values` [batch, n] at the k_total highest `scores` [batch, n] of the whole flattened matrix.
-
-    Returns [batch, n] with exactly min(k_total, batch*n) entries taken from `values` (some may be 0 if the
-    values there are 0) and zeros elsewhere. Gradients flow to the kept entries of `values` only.
-    """
+def batch_topk_layout(scores: torch.Tensor, k_total: int) -> SparseLayout:
+    """The k_total highest `scores` [batch, n] of the whole flattened matrix (all of them if fewer)."""
     flat_scores = scores.reshape(-1)
     k_total = min(int(k_total), flat_scores.numel())
-    index = flat_scores.topk(k_total, sorted=False).indices
-    flat_values = values.reshape(-1)
-    kept = torch.zeros_like(flat_values).scatter(0, index, flat_values.gather(0, index))
-    return kept.reshape(values.shape)
+    flat_index = flat_scores.topk(k_total, sorted=False).indices.sort().values
+    return SparseLayout.from_flat(flat_index, *scores.shape)
 
 
 @torch.no_grad()
@@ -83,22 +78,15 @@ class BatchTopKSAE(TopKSAE):
         if not 0 < rate <= 1:
             raise SaelabError(f"--threshold-rate must be in (0, 1] (got {rate}).")
 
-    def batch_selection(self, z: torch.Tensor, ctx: StepContext | None) -> torch.Tensor:
-        """z [batch, d_sae] -> code keeping the top k*batch entries of ReLU(selection scores) in the batch."""
-        return batch_topk(z.relu(), self.selection_scores(z, ctx).relu(), self.cfg.k * z.shape[0])
-
-    def threshold_activation(self, z: torch.Tensor) -> torch.Tensor:
-        """Inference code a = z * 1[z > theta] for z [batch, d_sae] (theta broadcasts: [] or [d_sae])."""
-        return z * (z > self.threshold).to(z.dtype)
-
-    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+        """Training: the top k*batch of ReLU(selection scores) in the batch. Inference: z > theta."""
         if ctx is None:
-            return self.threshold_activation(z)
-        return self.batch_selection(z, ctx)
+            return SparseLayout.from_mask(z > self.threshold)
+        return batch_topk_layout(self.selection_scores(z, ctx).relu(), self.cfg.k * z.shape[0])
 
     @torch.no_grad()
-    def update_inference_state(self, z: torch.Tensor, a: torch.Tensor) -> None:
-        """theta <- EMA of the smallest positive kept activation in the training code a [batch, d_sae]."""
-        positive = a[a > 0]
+    def update_inference_state(self, code: SparseCode) -> None:
+        """theta <- EMA of the smallest positive value of the training code."""
+        positive = code.values[code.values > 0]
         if positive.numel():
             ema_threshold_(self.threshold, positive.min(), self.option("topk").threshold_rate)

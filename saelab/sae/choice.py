@@ -5,7 +5,7 @@ with rescale_by_decoder_norm), choose a mask M in {0,1}^{B x n} maximising <M, A
 and set a = M (.) ReLU(z).
 
 - Mutual choice (`choice_mode=mutual`): no row or column limit: the top kB entries of the whole matrix.
-  This is exactly BatchTopK's selection (`batch_topk`, shared with BatchTopKSAE, which this class extends).
+  This is exactly BatchTopK's selection (`batch_topk_layout`, shared with BatchTopKSAE, which this class extends).
 - Feature choice (`choice_mode=feature`): column sums <= m_i: latent i takes its top m_i tokens of the batch.
   With zipf_alpha = 0 every m_i = kB/n (rounded by largest remainder so that sum m_i = kB); with
   zipf_alpha > 0 the capacities follow a Zipf law m_(r) ~ (r + zipf_beta)^-zipf_alpha over the latents ranked
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from saelab.errors import SaelabError
+from saelab.kernels import SparseCode, SparseLayout
 from saelab.sae.base import StepContext
 from saelab.sae.batchtopk import BatchTopKSAE, ema_threshold_
 
@@ -50,18 +51,16 @@ def zipf_capacities(n: int, total: int, alpha: float, beta: float, cap: int) -> 
     return base.clamp_max(cap).long()
 
 
-def feature_choice(values: torch.Tensor, scores: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
-    """Keep `values` [B, n] at each column's capacity[i] highest `scores` [B, n]; zeros elsewhere.
-
-    capacity: [n] int64, each <= B. Column i keeps exactly capacity[i] entries (ties broken by topk).
-    """
+def feature_choice_layout(scores: torch.Tensor, capacity: torch.Tensor) -> SparseLayout:
+    """Each column i of `scores` [B, n] keeps its capacity[i] highest entries (capacity [n] int64, each <= B;
+    ties broken by topk)."""
     m_max = int(capacity.max()) if capacity.numel() else 0
-    if m_max == 0:
-        return torch.zeros_like(values)
-    index = scores.topk(m_max, dim=0, sorted=True).indices  # [m_max, n], best token first per column
-    keep = torch.arange(m_max, device=values.device)[:, None] < capacity.to(values.device)[None, :]
-    mask = torch.zeros(values.shape, dtype=torch.bool, device=values.device).scatter(0, index, keep)
-    return values * mask.to(values.dtype)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if m_max > 0:
+        index = scores.topk(m_max, dim=0, sorted=True).indices  # [m_max, n], best token first per column
+        keep = torch.arange(m_max, device=scores.device)[:, None] < capacity.to(scores.device)[None, :]
+        mask.scatter_(0, index, keep)
+    return SparseLayout.from_mask(mask)
 
 
 class ChoiceSAE(BatchTopKSAE):
@@ -124,13 +123,11 @@ class ChoiceSAE(BatchTopKSAE):
         by_rank = zipf_capacities(self.d_sae, self.cfg.k * batch, choice.zipf_alpha, choice.zipf_beta, batch)
         return by_rank.to(self.feature_freq.device)[self.frequency_ranks()]
 
-    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
-        """z [batch, d_sae] -> a: threshold at inference; mutual or feature choice in training."""
-        if ctx is None:
-            return self.threshold_activation(z)
-        if self.option("choice").choice_mode == "mutual":
-            return self.batch_selection(z, ctx)
-        return feature_choice(z.relu(), self.selection_scores(z, ctx).relu(), self.capacities(z.shape[0]))
+    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+        """Threshold(s) at inference; mutual (BatchTopK's) or feature choice in training."""
+        if ctx is None or self.option("choice").choice_mode == "mutual":
+            return super().select(z, ctx)
+        return feature_choice_layout(self.selection_scores(z, ctx).relu(), self.capacities(z.shape[0]))
 
     # -- losses -------------------------------------------------------------------------------------
     def zipf_targets(self) -> torch.Tensor:
@@ -146,24 +143,26 @@ class ChoiceSAE(BatchTopKSAE):
         below = self.feature_freq < self.zipf_targets()
         return below if dead is None else below & ~dead.to(below.device)
 
-    def sparsity_loss(self, x_n, z, a, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
-        terms = super().sparsity_loss(x_n, z, a, x_hat, ctx)
+    def code_losses(self, encoder, x_n, code, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
+        terms = super().code_losses(encoder, x_n, code, x_hat, ctx)
         coef = self.option("choice").zipf_coef
         if coef > 0:
-            terms["aux_zipf"] = coef * self.auxk_loss(x_n, z, x_hat, self.underused(ctx.dead))
+            terms["aux_zipf"] = coef * self.auxk_loss(encoder, x_n, x_hat, self.underused(ctx.dead))
         return terms
 
     # -- running state --------------------------------------------------------------------------------
     @torch.no_grad()
-    def update_inference_state(self, z: torch.Tensor, a: torch.Tensor) -> None:
-        """Update the inference threshold(s) and the running firing frequency from the training code a."""
+    def update_inference_state(self, code: SparseCode) -> None:
+        """Update the inference threshold(s) and the running firing frequency from the training code."""
         rate = self.option("topk").threshold_rate
         if self.option("choice").choice_mode == "mutual":
-            super().update_inference_state(z, a)
+            super().update_inference_state(code)
         else:
-            column_min = a.masked_fill(a <= 0, float("inf")).min(dim=0).values  # [d_sae]; inf: none kept
+            positive = code.values > 0
+            column_min = torch.full_like(self.threshold, float("inf"))  # [d_sae]; inf: none kept
+            column_min.scatter_reduce_(0, code.layout.indices[positive], code.values[positive], "amin")
             ema_threshold_(self.threshold, column_min, rate)
-        fired = (a != 0).to(self.feature_freq).mean(dim=0)
+        fired = code.firing_counts().to(self.feature_freq) / max(code.layout.batch, 1)
         if int(self.freq_updates) == 0:
             self.feature_freq.copy_(fired)
         else:

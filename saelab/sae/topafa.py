@@ -24,7 +24,8 @@ from typing import NamedTuple
 import torch
 
 from saelab.errors import SaelabError
-from saelab.sae.base import LossOutput, StepContext
+from saelab.kernels import SparseCode
+from saelab.sae.base import EncoderPass, LossOutput, StepContext
 from saelab.sae.topk import TopKSAE
 
 
@@ -88,7 +89,7 @@ class TopAFASAE(TopKSAE):
     The selection needs ||x - b_dec|| besides z. `encode_pre` computes it and remembers it together with a weak
     reference to the z it returned, so the base class's encode / forward (`activate(encode_pre(x_n))`) work
     unchanged; `activate` refuses a z that did not come from the latest `encode_pre` (no silent stale norms)
-    and `select(z, target_norm)` is the explicit form. `training_loss` calls `select` directly, since it also
+    and `afa_code(z, target_norm)` is the explicit form. `training_loss` calls `afa_code` directly, since it also
     needs ||x|| for the AFA term.
 
     Differences from the official code (deliberate, shared with this package's TopK): b_enc exists (the
@@ -99,6 +100,7 @@ class TopAFASAE(TopKSAE):
 
     architecture = "topafa"
     sections = ("aux", "topk", "afa")
+    sparse_code = False  # a dense variant: k* needs ||x - b_dec||, which `select(z, ctx)` does not see
 
     def validate(self) -> None:
         aux = self.option("aux")
@@ -124,7 +126,7 @@ class TopAFASAE(TopKSAE):
         state.pop("_pending", None)
         return state
 
-    def select(self, z: torch.Tensor, target_norm: torch.Tensor) -> AFASelection:
+    def afa_code(self, z: torch.Tensor, target_norm: torch.Tensor) -> AFASelection:
         """z [batch, d_sae], target_norm [batch] -> (code [batch, d_sae], k* [batch])."""
         return afa_select(z.relu(), self.W_dec.detach().norm(dim=1), target_norm)
 
@@ -134,13 +136,14 @@ class TopAFASAE(TopKSAE):
         if pending is None or pending[0]() is not z:
             raise SaelabError(
                 "top-AFA selection needs ||x - b_dec||: pass the output of sae.encode_pre(x_n) straight to "
-                "activate, or call sae.select(z, sae.target_norm(x_n))."
+                "activate, or call sae.afa_code(z, sae.target_norm(x_n))."
             )
-        return self.select(z, pending[1]).acts
+        return self.afa_code(z, pending[1]).acts
 
     def sparsity_loss(self, x_n, z, a, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
         """AuxK (from TopKSAE) and afa_coef * mean_B (||a|| - ||x_n||)^2."""
-        terms = super().sparsity_loss(x_n, z, a, x_hat, ctx)
+        auxk = self.auxk_loss(EncoderPass(self, x_n, sparse_kernels=False), x_n, x_hat, ctx.dead)
+        terms = {"auxk": self.option("aux").aux_coef * auxk}
         gap = a.norm(dim=-1) - x_n.norm(dim=-1)
         terms["afa"] = self.option("afa").afa_coef * gap.pow(2).mean()
         return terms
@@ -148,9 +151,9 @@ class TopAFASAE(TopKSAE):
     def training_loss(self, x_n: torch.Tensor, ctx: StepContext) -> LossOutput:
         """As SAE.training_loss, with the selection given ||x_n - b_dec|| explicitly."""
         z = super().encode_pre(x_n)
-        a = self.select(z, self.target_norm(x_n)).acts
+        a = self.afa_code(z, self.target_norm(x_n)).acts
         x_hat = self.decode(a)
         terms = {"mse": self.reconstruction_loss(x_n, x_hat)}
         terms.update(self.sparsity_loss(x_n, z, a, x_hat, ctx))
         loss = sum(terms.values())
-        return LossOutput(loss, {k: v.detach() for k, v in terms.items()}, a, x_hat)
+        return LossOutput(loss, {k: v.detach() for k, v in terms.items()}, SparseCode.from_dense(a.detach()), x_hat)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from saelab.errors import SaelabError
-from saelab.sae.base import SAE, StepContext
+from saelab.kernels import SparseCode, SparseLayout
+from saelab.sae.base import SAE, EncoderPass, StepContext
 
 
 def normalized_mse(target: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
@@ -24,10 +25,9 @@ def normalized_mse(target: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor
     return (target - estimate).pow(2).sum() / variance.clamp_min(1e-12)
 
 
-def scatter_topk(values: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[batch, n]: keep `values` at the k highest `scores` per row, zeros elsewhere."""
-    index = scores.topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(values).scatter(-1, index, values.gather(-1, index))
+def topk_layout(scores: torch.Tensor, k: int) -> SparseLayout:
+    """The k highest `scores` [batch, n] of each row, as a fixed-k layout."""
+    return SparseLayout.fixed_k(scores.topk(k, dim=-1, sorted=False).indices, scores.shape[-1])
 
 
 class TopKSAE(SAE):
@@ -44,28 +44,44 @@ class TopKSAE(SAE):
             raise SaelabError("--k-aux and --aux-coef must be >= 0 and --dead-tokens > 0.")
 
     def selection_scores(self, z: torch.Tensor, ctx: StepContext | None) -> torch.Tensor:
-        """[batch, d_sae] scores that pick the active latents."""
-        if self.option("topk").rescale_by_decoder_norm:
-            return z * self.W_dec.norm(dim=1)
-        return z
+        """[batch, d_sae] scores that pick the active latents: z, or z * ||d_i|| with rescale_by_decoder_norm.
 
-    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
-        return scatter_topk(z.relu(), self.selection_scores(z, ctx), self.cfg.k)
+        The [batch, d_sae] product is skipped when every ||d_i|| is 1 to within 1e-6, as in training (the rows are
+        renormalised after every step).
+        """
+        if not self.option("topk").rescale_by_decoder_norm:
+            return z
+        norms = self.W_dec.detach().norm(dim=1)
+        return z if bool((norms - 1).abs().max() <= 1e-6) else z * norms
+
+    sparse_code = True
+
+    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+        return topk_layout(self.selection_scores(z, ctx), self.cfg.k)
+
+    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
+        return z_at.relu()
 
     def reconstruction_loss(self, x_n: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         return normalized_mse(x_n, x_hat)
 
-    def auxk_loss(self, x_n: torch.Tensor, z: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
-        """AuxK: dead latents' top-k_aux pre-activations reconstruct the detached residual; 0 if none dead."""
+    def aux_scores(self, z: torch.Tensor) -> torch.Tensor:
+        """[batch, d_sae] scores AuxK ranks the dead latents by (z; AbsTopK: |z|)."""
+        return z
+
+    def auxk_loss(
+        self, encoder: EncoderPass, x_n: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor | None
+    ) -> torch.Tensor:
+        """AuxK: the `dead` latents' top-k_aux entries (by aux_scores, values as the main code) reconstruct the
+        detached residual e = x_n - x_hat: ||e - e_hat||^2 / ||e - mean(e)||^2; 0 if none of them is dead."""
         n_dead = 0 if dead is None else int(dead.sum())
         if n_dead == 0:
-            return z.new_zeros(())
-        aux = self.option("aux")
-        k_aux = min(aux.k_aux or self.d_in // 2, n_dead)
+            return x_n.new_zeros(())
+        k_aux = min(self.option("aux").k_aux or self.d_in // 2, n_dead)
         residual = (x_n - x_hat).detach()
-        dead_z = z.masked_fill(~dead, float("-inf"))
-        a_aux = scatter_topk(z.relu(), dead_z, k_aux)
-        return normalized_mse(residual, a_aux @ self.W_dec).nan_to_num(0.0)
+        layout = topk_layout(self.aux_scores(encoder.z).masked_fill(~dead, float("-inf")), k_aux)
+        aux_code = SparseCode(layout, self.values_at(encoder.at(layout), layout, None))
+        return normalized_mse(residual, encoder.decode(aux_code)).nan_to_num(0.0)
 
-    def sparsity_loss(self, x_n, z, a, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
-        return {"auxk": self.option("aux").aux_coef * self.auxk_loss(x_n, z, x_hat, ctx.dead)}
+    def code_losses(self, encoder, x_n, code, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {"auxk": self.option("aux").aux_coef * self.auxk_loss(encoder, x_n, x_hat, ctx.dead)}

@@ -26,5 +26,5 @@ def train_step(
     optimizer.step()
     sae.normalize_decoder()
     with torch.no_grad():
-        sae.update_inference_state(sae.encode_pre(x_n), out.acts.detach())
+        sae.update_inference_state(out.code)
     return out
