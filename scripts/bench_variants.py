@@ -1,6 +1,6 @@
 """Train every SAE variant on the same cached SmolLM2 activations, and sparsify's TopK beside them.
 
-    python scripts/bench_variants.py [--train-tokens 500000] [--expansion 8] [--k 32]
+    python scripts/bench_variants.py [--train-tokens 500000] [--epochs 1] [--expansion 8] [--k 32]
 
 All saelab variants train in one `Trainer` run (a sweep): each step, every SAE gets the same batch. sparsify's
 `SparseCoder` (eai-sparsify: `pip install -c constraints.txt -e ".[bench]"`) then trains on the same
@@ -47,8 +47,8 @@ VARIANTS = [
 ]
 
 
-def ensure_cache(folder: Path, n_tokens: int, seed: int) -> ActivationCache:
-    config = CacheCommand(data=DataConfig(seed=seed), harvest=HarvestConfig(hooks=[HOOK]),
+def ensure_cache(folder: Path, n_tokens: int, seed: int, with_grads: bool = False) -> ActivationCache:
+    config = CacheCommand(data=DataConfig(seed=seed), harvest=HarvestConfig(hooks=[HOOK], with_grads=with_grads),
                           cache=CacheConfig(out=str(folder), n_tokens=n_tokens))
     return build_cache(config)
 
@@ -129,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", default="runs/bench-variants")
     parser.add_argument("--train-tokens", type=int, default=500_000)
+    parser.add_argument("--epochs", type=int, default=1, help="Passes over the training cache (longer runs).")
     parser.add_argument("--eval-tokens", type=int, default=65_536)
     parser.add_argument("--expansion", type=int, default=8)
     parser.add_argument("--k", type=int, default=32)
@@ -136,17 +137,20 @@ def main() -> None:
     parser.add_argument("--sweep", nargs="+", default=VARIANTS, help="Variants to train (saelab sweep entries).")
     parser.add_argument("--runs-name", default="saes", help="Subfolder of --folder for the trained SAEs.")
     parser.add_argument("--no-sparsify", action="store_true", help="Skip the sparsify baseline.")
+    parser.add_argument("--with-grads", action="store_true",
+                        help="Train on a cache that also holds LM-loss gradients (train-cache-grads; needed by gsae).")
     args = parser.parse_args()
     folder = Path(args.folder)
     started = time.time()
-    train_cache = ensure_cache(folder / "train-cache", args.train_tokens, seed=0)
+    train_folder = folder / ("train-cache-grads" if args.with_grads else "train-cache")
+    train_cache = ensure_cache(train_folder, args.train_tokens, seed=0, with_grads=args.with_grads)
     eval_cache = ensure_cache(folder / "eval-cache", args.eval_tokens, seed=1)
     d_in = train_cache.d(HOOK)
     n_latents = args.expansion * d_in
     cmd = TrainCommand(
         harvest=HarvestConfig(hooks=[HOOK]),
-        train=TrainConfig(cache=str(folder / "train-cache"), out=str(folder / args.runs_name),
-                          batch_size=args.batch_size, train_tokens=train_cache.n_tokens, sweep=args.sweep,
+        train=TrainConfig(cache=str(train_folder), out=str(folder / args.runs_name),
+                          batch_size=args.batch_size, train_tokens=args.epochs * train_cache.n_tokens, sweep=args.sweep,
                           checkpoint_every=10**9),
         sae=SAEConfig(expansion=args.expansion, k=args.k),
     )
@@ -168,7 +172,9 @@ def main() -> None:
     print(f"\n# bench_variants: {datetime.date.today()}, SmolLM2-135M {HOOK}, d_in {d_in}, {n_latents} latents, "
           f"k {args.k}, {steps} steps x {args.batch_size} tokens ({steps * args.batch_size:,} tokens), "
           f"eval on {eval_cache.n_tokens:,} held-out tokens")
-    print(f"command: python scripts/bench_variants.py --train-tokens {args.train_tokens} --expansion {args.expansion} "
+    print(f"command: python scripts/bench_variants.py --train-tokens {args.train_tokens} --epochs {args.epochs} "
+          f"{'--with-grads ' if args.with_grads else ''}"
+          f"--expansion {args.expansion} "
           f"--k {args.k} --sweep {' '.join(args.sweep)}; {len(args.sweep)} saelab SAEs trained together in {saelab_seconds:.0f} s, sparsify in "
           f"{sparsify_seconds:.0f} s, total {time.time() - started:.0f} s\n")
     print("| variant | settings | FVU (held out) | L0 | never fired |")

@@ -4,7 +4,7 @@ every gradient), and a whole training step of each sparse-code variant, sparse k
 import pytest
 import torch
 
-from saelab.config import AuxConfig, ChoiceConfig, GSAEConfig, SAEConfig, TopKConfig
+from saelab.config import AuxConfig, ChoiceConfig, GSAEConfig, JumpReLUConfig, SAEConfig, TopKConfig
 from saelab.kernels import SparseCode, SparseLayout, decode, eager, encode_at
 from saelab.sae.base import StepContext
 from saelab.sae.registry import create_sae
@@ -139,12 +139,14 @@ VARIANTS = [
     ("batchtopk", {}),
     ("choice", {"choice": ChoiceConfig(choice_mode="mutual", zipf_coef=0.5)}),
     ("choice", {"choice": ChoiceConfig(choice_mode="feature")}),
+    ("jumprelu", {"jumprelu": JumpReLUConfig(theta_init=0.3, bandwidth=0.2, l0_coef=0.1)}),
+    ("jumprelu", {"jumprelu": JumpReLUConfig(theta_init=0.3, bandwidth=0.2, sparsity_mode="target", target_l0=3)}),
 ]
 
 
 def make_sae(architecture: str, options: dict, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = SAEConfig(architecture=architecture, d_sae=96, k=4, input_norm="none")
+    cfg = SAEConfig(architecture=architecture, d_sae=96, k=4, input_norm="none", mse_reduction="mean")
     aux = AuxConfig(k_aux=6, aux_coef=0.5)
     return create_sae(16, cfg, {"aux": aux, "topk": TopKConfig(), **options})
 
@@ -173,6 +175,7 @@ def test_training_step_with_sparse_kernels_equals_dense_backward(architecture, o
         results.append((out, grads, sae.state_dict()))
     (sparse_out, sparse_grads, sparse_state), (dense_out, dense_grads, dense_state) = results
     assert set(sparse_out.terms) == set(dense_out.terms) and len(sparse_out.terms) >= 2
+    assert 0 < sparse_out.code.layout.nnz < 0.5 * 64 * 96  # a sparse code, so the two paths differ
     for name in sparse_out.terms:
         torch.testing.assert_close(sparse_out.terms[name], dense_out.terms[name], rtol=1e-5, atol=1e-7)
     for name in sparse_grads:
@@ -200,6 +203,32 @@ def test_topk_step_equals_a_hand_written_dense_reference():
     aux_keep = torch.zeros_like(keep).scatter(1, dead_z.topk(6, dim=1).indices, True)
     aux = normalized_mse((x - x_hat).detach(), (z.relu() * aux_keep) @ sae.W_dec)
     loss = normalized_mse(x, x_hat) + 0.5 * aux
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss)
+    for got, p in zip(sparse_grads, sae.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["step", "target"])
+def test_jumprelu_sparse_step_equals_the_dense_formula(mode):
+    """JumpReLU trains on the entries with z > theta - eps/2 only: loss and gradients equal the dense formula
+    a = z * H(z - theta), L0 = mean_B sum_i H(z - theta) over every entry (STE pseudo-derivatives)."""
+    from saelab.sae.jumprelu import jumprelu, step
+
+    options = {"jumprelu": JumpReLUConfig(theta_init=0.3, bandwidth=0.2, l0_coef=0.1, sparsity_mode=mode, target_l0=3)}
+    sae = make_sae("jumprelu", options)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(9))
+    ctx = StepContext(sparsity_scale=0.5)
+    out = sae.training_loss(x, ctx)
+    out.loss.backward()
+    sparse_grads = [p.grad.clone() for p in sae.parameters()]
+    sae.zero_grad()
+
+    z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    a = jumprelu(z, sae.threshold, 0.2)
+    l0 = step(z.detach(), sae.threshold, 0.2).sum(dim=1).mean()
+    penalty = (l0 / 3 - 1).pow(2) if mode == "target" else l0
+    loss = (a @ sae.W_dec + sae.b_dec - x).pow(2).mean() + 0.1 * 0.5 * penalty
     loss.backward()
     torch.testing.assert_close(out.loss, loss)
     for got, p in zip(sparse_grads, sae.parameters()):

@@ -10,13 +10,13 @@ code in one of two ways. Everything else is shared:
       -> decode:      x_hat_n = a @ W_dec + b_dec                    [batch, d_in]
       -> denormalize: x_hat (raw space)
 
-- Sparse-code variants (the top-k family, choice SAEs) implement `select` (which entries of z are kept: a
+- Sparse-code variants (the top-k family, choice SAEs, JumpReLU's step/target modes) implement `select` (which entries of z are kept: a
   SparseLayout, no gradient) and `values_at` (the code's values from z at those entries, differentiable),
   plus `code_losses` for auxiliary terms. Training then never builds a dense [batch, d_sae] code or gradient:
   the encoder pass and decoder run on saelab.kernels' sparse autograd functions (or their dense fallback
   when the code is too dense for them to win; same numbers either way).
-- Dense variants (ReLU-L1, JumpReLU, thresholds, top-AFA) implement `activate` and `sparsity_loss` on
-  dense [batch, d_sae] tensors.
+- Dense variants (ReLU-L1, JumpReLU's tanh mode, thresholds, top-AFA) implement `activate` and
+  `sparsity_loss` on dense [batch, d_sae] tensors.
 
 Losses are computed in the normalised space, so coefficients do not depend on the model's activation
 scale; `fold()` moves the constant input scale (and, where exact, decoder norms) into the weights, so a
@@ -106,7 +106,8 @@ class EncoderPass:
 
 
 class SAE(nn.Module):
-    """Base sparse autoencoder. Subclasses implement `activate` (and usually `sparsity_loss`)."""
+    """Base sparse autoencoder. Subclasses implement select / values_at (sparse-code variants) or activate and
+    sparsity_loss (dense variants); see the module docstring."""
 
     architecture: ClassVar[str] = ""
     sections: ClassVar[tuple[str, ...]] = ()  # config sections (besides `sae`) this variant reads

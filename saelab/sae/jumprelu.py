@@ -17,6 +17,11 @@ Sparsity (`--sparsity-mode`), lambda = l0_coef * ctx.sparsity_scale:
             + preact_coef * mean_B sum_i ReLU(theta_i - z_i) ||d_i||          (on dead latents, see below)
     target: lambda * (L0 / target_l0 - 1)^2, L0 = mean_B sum_i H(z_i - theta_i) (dictionary_learning)
 Decoder rows are kept at unit norm (Gemma Scope); folding norms at save time also rescales theta.
+
+Sparse training (step and target modes): every derivative above vanishes unless z_i > theta_i - eps/2 (the
+entry is active, or theta's pseudo-derivative window covers it), so the code is kept as those entries only
+and trains on saelab.kernels' sparse path with exactly the same loss and gradients. The tanh mode's
+pre-activation term reaches every entry with z_i < theta_i, so it trains with dense tensors.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import torch
 from torch import nn
 
 from saelab.errors import SaelabError
-from saelab.sae.base import SAE, StepContext
+from saelab.kernels import SparseCode, SparseLayout
+from saelab.sae.base import SAE, EncoderPass, StepContext
 
 SPARSITY_MODES = ("step", "tanh", "target")
 
@@ -162,32 +168,53 @@ class JumpReLUSAE(SAE):
         """z [batch, d_sae] -> a = z * 1[z > theta] (exact forward; STE backward)."""
         return jumprelu(z, self.threshold, self.option("jumprelu").bandwidth)
 
+    @property
+    def sparse_code(self) -> bool:
+        return self.option("jumprelu").sparsity_mode != "tanh"
+
+    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+        """Training: z > theta - eps/2 (active or inside the STE window); inference: z > theta."""
+        theta = self.threshold.detach()
+        if ctx is not None:
+            theta = theta - self.option("jumprelu").bandwidth / 2
+        return SparseLayout.from_mask(z > theta)
+
+    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
+        return jumprelu(z_at, self.threshold[layout.indices], self.option("jumprelu").bandwidth)
+
+    def code_losses(
+        self, encoder: EncoderPass, x_n: torch.Tensor, code: SparseCode, x_hat: torch.Tensor, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        """The step / target sparsity term over the code's entries (every other entry contributes 0 and no
+        gradient). z is taken without gradient: dH/dz := 0."""
+        opt = self.option("jumprelu")
+        layout = code.layout
+        z_at = encoder.z[layout.rows, layout.indices]
+        l0 = step(z_at, self.threshold[layout.indices], opt.bandwidth).sum() / max(layout.batch, 1)
+        return {"sparsity": opt.l0_coef * ctx.sparsity_scale * self.l0_penalty(l0)}
+
+    def l0_penalty(self, l0: torch.Tensor) -> torch.Tensor:
+        """The step mode's L0 itself, or the target mode's (L0 / target_l0 - 1)^2."""
+        opt = self.option("jumprelu")
+        return (l0 / opt.target_l0 - 1).pow(2) if opt.sparsity_mode == "target" else l0
+
     def sparsity_loss(
         self, x_n: torch.Tensor, z: torch.Tensor, a: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
-        """Terms per --sparsity-mode (module docstring); z, a [batch, d_sae].
+        """The tanh mode's terms (step and target train as sparse codes, see code_losses); z, a [batch, d_sae].
 
-        step, target -> {"sparsity"}; tanh -> {"sparsity", "preact"} (not "l0": trainers log the L0 count).
-        The tanh mode's pre-activation term pulls z_i up and theta_i down where z_i < theta_i; it covers the
-        latents in ctx.dead when the trainer tracks them (SAELens) and every latent when ctx.dead is None
-        (Anthropic's January 2025 form). Only lambda is warmed up (ctx.sparsity_scale); preact_coef is constant,
-        as in SAELens.
+        Returns {"sparsity", "preact"} (not "l0": trainers log the L0 count). The pre-activation term pulls z_i up
+        and theta_i down where z_i < theta_i; it covers the latents in ctx.dead when the trainer tracks them
+        (SAELens) and every latent when ctx.dead is None (Anthropic's January 2025 form). Only lambda is warmed
+        up (ctx.sparsity_scale); preact_coef is constant, as in SAELens.
         """
         opt = self.option("jumprelu")
-        coef = opt.l0_coef * ctx.sparsity_scale
-        theta = self.threshold
-        if opt.sparsity_mode == "step":
-            l0 = step(z, theta, opt.bandwidth).sum(dim=-1).mean()
-            return {"sparsity": coef * l0}
-        if opt.sparsity_mode == "target":
-            l0 = step(z, theta, opt.bandwidth).sum(dim=-1).mean()
-            return {"sparsity": coef * (l0 / opt.target_l0 - 1).pow(2)}
         norms = self.W_dec.norm(dim=1)  # [d_sae]
         tanh_term = torch.tanh(opt.tanh_c * a * norms).sum(dim=-1).mean()
-        gap = (theta - z).relu() * norms  # [batch, d_sae]
+        gap = (self.threshold - z).relu() * norms  # [batch, d_sae]
         if ctx.dead is not None:
             gap = gap * ctx.dead.to(gap.dtype)
-        return {"sparsity": coef * tanh_term, "preact": opt.preact_coef * gap.sum(dim=-1).mean()}
+        return {"sparsity": opt.l0_coef * ctx.sparsity_scale * tanh_term, "preact": opt.preact_coef * gap.sum(dim=-1).mean()}
 
     @torch.no_grad()
     def scale_latents(self, scale: torch.Tensor) -> None:
