@@ -1,7 +1,7 @@
 """Benchmark one full SAE training step (forward, loss, backward, Adam, decoder renormalisation).
 
     python scripts/bench_step.py [--n 16384] [--d 768] [--k 32] [--batch 4096] [--dtype float32] [--rounds 5]
-    python scripts/bench_step.py --variants          # BatchTopK and mutual choice: sparse kernels vs dense backward
+    python scripts/bench_step.py --variants          # BatchTopK, mutual choice, JumpReLU: sparse vs dense backward
     python scripts/bench_step.py --crossover         # sparse vs dense backward as the code's density grows
 
 Candidates, timed in interleaved rounds in one process (median), on the same batch and sizes:
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import resource
@@ -30,6 +31,8 @@ import sys
 import time
 
 import torch
+
+import saelab.sae.base
 
 if not torch.cuda.is_available():  # sparsify picks its Triton decoder whenever Triton is importable, even on CPU
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
@@ -95,6 +98,10 @@ def sparsify_step(args, dtype):
 def saelab_step(args, dtype, architecture="topk", sparse_kernels=True):
     cfg = SAEConfig(architecture=architecture, d_sae=args.n, k=args.k, input_norm="none")
     sae = create_sae(args.d, cfg, {"aux": AuxConfig(), "topk": TopKConfig()}).to(dtype)
+    if architecture == "jumprelu":  # thresholds at the (1 - k/n) quantile of z: L0 ~ k, as after training
+        with torch.no_grad():
+            z = sae.encode_pre(batch_for(args, dtype)[:512]).float()
+            sae.log_threshold.fill_(math.log(float(z.quantile(1 - args.k / args.n))))
     optimizer = adam(sae.parameters())
     ctx = StepContext(dead=torch.zeros(args.n, dtype=torch.bool), sparse_kernels=sparse_kernels)
     return lambda x: train_step(sae, optimizer, x, ctx)
@@ -191,7 +198,7 @@ def variants_table(args) -> None:
     print(f"\nn={args.n} d_in={args.d} k={args.k} batch={args.batch} {args.dtype}: sparse kernels vs dense backward\n")
     print("| variant | sparse (s) | dense (s) | speedup |")
     print("|---|---|---|---|")
-    for architecture in ("topk", "batchtopk", "choice"):
+    for architecture in ("topk", "batchtopk", "choice", "jumprelu"):
         steps = {sparse: saelab_step(args, dtype, architecture, sparse) for sparse in (True, False)}
         seconds = interleaved(steps, x, args.rounds)
         print(
@@ -200,13 +207,15 @@ def variants_table(args) -> None:
 
 
 def crossover_table(args) -> None:
-    """Sparse vs dense backward for TopK as k / n grows: where the dense matmuls start to win."""
+    """Sparse vs dense backward for TopK as k / n grows: where the dense matmuls start to win. The trainer's
+    automatic fallback (saelab.sae.base.DENSE_CROSSOVER) is switched off so the sparse path runs at every density."""
+    saelab.sae.base.DENSE_CROSSOVER = 1.0
     dtype = DTYPES[args.dtype]
     x = batch_for(args, dtype)
     print(f"\nn={args.n} d_in={args.d} batch={args.batch} {args.dtype}: TopK step, sparse kernels vs dense backward\n")
     print("| k | density k/n | sparse (s) | dense (s) | dense / sparse |")
     print("|---|---|---|---|---|")
-    for density in (0.002, 0.01, 0.02, 0.05, 0.1, 0.2):
+    for density in (0.002, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3):
         sized = argparse.Namespace(**{**vars(args), "k": max(1, round(density * args.n))})
         steps = {sparse: saelab_step(sized, dtype, "topk", sparse) for sparse in (True, False)}
         seconds = interleaved(steps, x, args.rounds)

@@ -4,7 +4,8 @@ every gradient), and a whole training step of each sparse-code variant, sparse k
 import pytest
 import torch
 
-from saelab.config import AuxConfig, ChoiceConfig, GSAEConfig, JumpReLUConfig, SAEConfig, TopKConfig
+from saelab.config import AFAConfig, AuxConfig, ChoiceConfig, GSAEConfig, JumpReLUConfig, SAEConfig, TopKConfig
+from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout, decode, eager, encode_at
 from saelab.sae.base import StepContext
 from saelab.sae.registry import create_sae
@@ -139,6 +140,7 @@ VARIANTS = [
     ("batchtopk", {}),
     ("choice", {"choice": ChoiceConfig(choice_mode="mutual", zipf_coef=0.5)}),
     ("choice", {"choice": ChoiceConfig(choice_mode="feature")}),
+    ("topafa", {"afa": AFAConfig(afa_coef=0.5)}),
     ("jumprelu", {"jumprelu": JumpReLUConfig(theta_init=0.3, bandwidth=0.2, l0_coef=0.1)}),
     ("jumprelu", {"jumprelu": JumpReLUConfig(theta_init=0.3, bandwidth=0.2, sparsity_mode="target", target_l0=3)}),
 ]
@@ -229,6 +231,51 @@ def test_jumprelu_sparse_step_equals_the_dense_formula(mode):
     l0 = step(z.detach(), sae.threshold, 0.2).sum(dim=1).mean()
     penalty = (l0 / 3 - 1).pow(2) if mode == "target" else l0
     loss = (a @ sae.W_dec + sae.b_dec - x).pow(2).mean() + 0.1 * 0.5 * penalty
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss)
+    for got, p in zip(sparse_grads, sae.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_switch_bypasses_the_sparse_kernels(monkeypatch):
+    sae = make_sae("topk", {})
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(10))
+    sparse_loss = sae.training_loss(x, step_context(11, 64)).loss
+
+    def refuse(*args):
+        raise AssertionError("sparse kernel used")
+
+    monkeypatch.setattr(eager, "bag_sum", refuse)
+    monkeypatch.setattr(eager, "bag_dots", refuse)
+    with pytest.raises(AssertionError, match="sparse kernel used"):
+        sae.training_loss(x, step_context(11, 64))
+    monkeypatch.setenv("SAELAB_KERNELS", "dense")
+    torch.testing.assert_close(sae.training_loss(x, step_context(11, 64)).loss, sparse_loss)
+    monkeypatch.setenv("SAELAB_KERNELS", "fast")
+    with pytest.raises(SaelabError, match="SAELAB_KERNELS='fast' is not one of auto, eager, triton, dense"):
+        sae.training_loss(x, step_context(11, 64))
+
+
+def test_topafa_sparse_step_equals_the_dense_formula():
+    """top-AFA trains on each token's top k* latents: loss and gradients equal the dense code of afa_select with
+    normalised MSE, AuxK and afa_coef * mean_B (||a|| - ||x||)^2."""
+    from saelab.sae.topafa import afa_select
+
+    sae = make_sae("topafa", {"afa": AFAConfig(afa_coef=0.5)})
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(12))
+    ctx = step_context(13, 64)
+    out = sae.training_loss(x, ctx)
+    out.loss.backward()
+    sparse_grads = [p.grad.clone() for p in sae.parameters()]
+    sae.zero_grad()
+
+    z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    a = afa_select(z.relu(), sae.W_dec.detach().norm(dim=1), (x - sae.b_dec).detach().norm(dim=-1)).acts
+    x_hat = a @ sae.W_dec + sae.b_dec
+    dead_z = z.detach().masked_fill(~ctx.dead, float("-inf"))
+    aux_keep = torch.zeros_like(z, dtype=torch.bool).scatter(1, dead_z.topk(6, dim=1).indices, True)
+    aux = normalized_mse((x - x_hat).detach(), (z.relu() * aux_keep) @ sae.W_dec)
+    loss = normalized_mse(x, x_hat) + 0.5 * aux + 0.5 * (a.norm(dim=-1) - x.norm(dim=-1)).pow(2).mean()
     loss.backward()
     torch.testing.assert_close(out.loss, loss)
     for got, p in zip(sparse_grads, sae.parameters()):

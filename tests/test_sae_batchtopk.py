@@ -162,3 +162,18 @@ def test_inference_l0_is_about_k_on_held_out_data(trained):
     l0 = (a != 0).sum(dim=1).float()
     assert abs(float(l0.mean()) - 4) < 0.4
     assert l0.std() > 0  # still adaptive per token
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_batch_topk_layout_candidate_path_equals_the_full_search(skewed):
+    """Per-row candidates then a batch-level top-k, or (when one row could hold more winners than candidates,
+    as with one row far above the rest) the full flattened search: the same entries either way."""
+    scores = torch.randn(64, 300, generator=torch.Generator().manual_seed(0))
+    if skewed:
+        scores[5] += 10.0  # row 5 alone holds all 256 winners: more than its 16 candidates
+    layout = batch_topk_layout(scores, 4 * 64)
+    expected = scores >= scores.reshape(-1).topk(4 * 64).values[-1]
+    assert torch.equal(layout.to_dense(torch.ones(layout.nnz)).bool(), expected)
+    assert torch.equal(layout.offsets.diff(), expected.sum(1))
+    if skewed:
+        assert int(layout.offsets.diff()[5]) == 256

@@ -1,9 +1,10 @@
 """The one switch between the eager and the Triton implementation of the sparse primitives.
 
 `SAELAB_KERNELS` = auto (default: Triton for CUDA tensors when Triton is installed, eager otherwise),
-eager, or triton (Triton for every device; on CPU this needs TRITON_INTERPRET=1, Triton's interpreter,
-which is how CI tests the kernels without a GPU). Both backends expose `bag_sum` and `bag_dots` with the
-signatures documented in saelab.kernels.eager.
+eager, triton (Triton for every device; on CPU this needs TRITON_INTERPRET=1, Triton's interpreter,
+which is how CI tests the kernels without a GPU), or dense (no sparse kernels: training uses dense matmuls
+throughout, e.g. to rule the kernels out when debugging). Both kernel backends expose `bag_sum` and `bag_dots`
+with the signatures documented in saelab.kernels.eager.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from saelab.errors import SaelabError
 from saelab.kernels import eager
 
-BACKENDS = ("auto", "eager", "triton")
+BACKENDS = ("auto", "eager", "triton", "dense")
 
 
 def requested_backend() -> str:
@@ -34,7 +35,7 @@ def triton_available() -> bool:
 def backend_for(device: torch.device) -> ModuleType:
     """The module (eager or triton) whose primitives run on tensors of `device`."""
     choice = requested_backend()
-    if choice == "eager" or (choice == "auto" and (device.type != "cuda" or not triton_available())):
+    if choice in ("eager", "dense") or (choice == "auto" and (device.type != "cuda" or not triton_available())):
         return eager
     if not triton_available():
         raise SaelabError("SAELAB_KERNELS=triton but Triton is not installed; `pip install triton` or unset it.")

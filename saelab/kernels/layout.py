@@ -50,16 +50,21 @@ class SparseLayout:
         return cls(indices.reshape(-1), offsets, n_latents)
 
     @classmethod
+    def from_rows(cls, rows: torch.Tensor, indices: torch.Tensor, batch: int, n_latents: int) -> SparseLayout:
+        """From each entry's token rows [nnz] (ascending) and latent indices [nnz]."""
+        return cls(indices, _offsets(rows, batch), n_latents, rows)
+
+    @classmethod
     def from_flat(cls, flat_indices: torch.Tensor, batch: int, n_latents: int) -> SparseLayout:
         """From ascending indices into the flattened [batch * n_latents] matrix."""
         rows = torch.div(flat_indices, n_latents, rounding_mode="floor")
-        return cls(flat_indices - rows * n_latents, _offsets(rows, batch), n_latents, rows)
+        return cls.from_rows(rows, flat_indices - rows * n_latents, batch, n_latents)
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> SparseLayout:
         """From a [batch, n_latents] bool mask of the entries to keep (row-major order)."""
         rows, indices = mask.nonzero(as_tuple=True)
-        return cls(indices, _offsets(rows, mask.shape[0]), mask.shape[1], rows)
+        return cls.from_rows(rows, indices, *mask.shape)
 
     @property
     def nnz(self) -> int:

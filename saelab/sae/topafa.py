@@ -24,8 +24,8 @@ from typing import NamedTuple
 import torch
 
 from saelab.errors import SaelabError
-from saelab.kernels import SparseCode
-from saelab.sae.base import EncoderPass, LossOutput, StepContext
+from saelab.kernels import SparseLayout
+from saelab.sae.base import EncoderPass, StepContext
 from saelab.sae.topk import TopKSAE
 
 
@@ -34,23 +34,35 @@ class AFASelection(NamedTuple):
     k: torch.Tensor  # [batch] int64, k* per token (1 <= k* <= d_sae - 1)
 
 
-def afa_select(u: torch.Tensor, decoder_norms: torch.Tensor, target_norm: torch.Tensor) -> AFASelection:
-    """Norm-matching selection. u [batch, n] >= 0 (ReLU'd pre-activations), decoder_norms [n] (||d_i||),
-    target_norm [batch] (||x - b_dec||) -> the code (u on the top k* latents by (u_i ||d_i||)^2) and k*.
+def afa_k(u: torch.Tensor, decoder_norms: torch.Tensor, target_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm matching. u [batch, n] >= 0 (ReLU'd pre-activations), decoder_norms [n] (||d_i||), target_norm [batch]
+    (||x - b_dec||) -> (k* [batch] int64, order [batch, n]: latents by descending (u_i ||d_i||)^2).
 
-    c_j = sqrt(cumsum of the sorted q) with the last entry +inf; k* = argmin_j |c_j - target| + 1. The official
-    code sets the last cumulative sum to 1e8 (c = 1e4) rather than +inf; the two differ only for targets above
-    ~5e3, where +inf still keeps k* < n. The mask carries no gradient; u's kept entries do."""
-    n = u.shape[-1]
+    c_j = sqrt(cumsum of the sorted q) with the last entry +inf; k* = argmin_j |c_j - target| + 1, and the code
+    keeps the first k* latents of `order`. The official code sets the last cumulative sum to 1e8 (c = 1e4) rather
+    than +inf; the two differ only for targets above ~5e3, where +inf still keeps k* < n."""
     with torch.no_grad():
-        scores = (u * decoder_norms).pow(2)
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        sorted_scores, order = (u * decoder_norms).pow(2).sort(dim=-1, descending=True)
         cumulative = sorted_scores.cumsum(dim=-1)
         cumulative[..., -1] = float("inf")
         k = (cumulative.sqrt() - target_norm.unsqueeze(-1)).abs().argmin(dim=-1) + 1
-        keep_sorted = torch.arange(n, device=u.device) < k.unsqueeze(-1)
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return k, order
+
+
+def afa_select(u: torch.Tensor, decoder_norms: torch.Tensor, target_norm: torch.Tensor) -> AFASelection:
+    """The dense code (u on each token's top k* latents, see afa_k) and k*. The mask carries no gradient; u's
+    kept entries do."""
+    k, order = afa_k(u, decoder_norms, target_norm)
+    keep_sorted = torch.arange(u.shape[-1], device=u.device) < k.unsqueeze(-1)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return AFASelection(u * keep, k)
+
+
+def afa_layout(u: torch.Tensor, decoder_norms: torch.Tensor, target_norm: torch.Tensor) -> SparseLayout:
+    """The entries afa_select keeps, as a layout (each token's top k* latents)."""
+    k, order = afa_k(u, decoder_norms, target_norm)
+    rows, ranks = (torch.arange(u.shape[-1], device=u.device) < k.unsqueeze(-1)).nonzero(as_tuple=True)
+    return SparseLayout.from_rows(rows, order[rows, ranks], *u.shape)
 
 
 class CoherenceStats(NamedTuple):
@@ -89,8 +101,8 @@ class TopAFASAE(TopKSAE):
     The selection needs ||x - b_dec|| besides z. `encode_pre` computes it and remembers it together with a weak
     reference to the z it returned, so the base class's encode / forward (`activate(encode_pre(x_n))`) work
     unchanged; `activate` refuses a z that did not come from the latest `encode_pre` (no silent stale norms)
-    and `afa_code(z, target_norm)` is the explicit form. `training_loss` calls `afa_code` directly, since it also
-    needs ||x|| for the AFA term.
+    and `afa_code(z, target_norm)` is the explicit form. Training is a sparse code (`training_selection` reads
+    ||x_n - b_dec|| from the encoder pass), so it runs on the sparse kernels like TopK.
 
     Differences from the official code (deliberate, shared with this package's TopK): b_enc exists (the
     shared encoder; initialised to 0; the official TopAFASAE has none); pre_enc_bias is configurable (the
@@ -116,7 +128,6 @@ class TopAFASAE(TopKSAE):
 
     architecture = "topafa"
     sections = ("aux", "topk", "afa")
-    sparse_code = False  # a dense variant: k* needs ||x - b_dec||, which `select(z, ctx)` does not see
 
     def validate(self) -> None:
         aux = self.option("aux")
@@ -156,20 +167,19 @@ class TopAFASAE(TopKSAE):
             )
         return self.afa_code(z, pending[1]).acts
 
-    def sparsity_loss(self, x_n, z, a, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """AuxK (from TopKSAE) and afa_coef * mean_B (||a|| - ||x_n||)^2."""
-        auxk = self.auxk_loss(EncoderPass(self, x_n, sparse_kernels=False), x_n, x_hat, ctx.dead)
-        terms = {"auxk": self.option("aux").aux_coef * auxk}
-        gap = a.norm(dim=-1) - x_n.norm(dim=-1)
-        terms["afa"] = self.option("afa").afa_coef * gap.pow(2).mean()
-        return terms
+    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+        """Refused: z alone cannot fix k* (TopKSAE's select would silently use --k)."""
+        raise SaelabError("top-AFA selection needs ||x - b_dec||: use sae.afa_code(z, sae.target_norm(x_n)).")
 
-    def training_loss(self, x_n: torch.Tensor, ctx: StepContext) -> LossOutput:
-        """As SAE.training_loss, with the selection given ||x_n - b_dec|| explicitly."""
-        z = super().encode_pre(x_n)
-        a = self.afa_code(z, self.target_norm(x_n)).acts
-        x_hat = self.decode(a)
-        terms = {"mse": self.reconstruction_loss(x_n, x_hat)}
-        terms.update(self.sparsity_loss(x_n, z, a, x_hat, ctx))
-        loss = sum(terms.values())
-        return LossOutput(loss, {k: v.detach() for k, v in terms.items()}, SparseCode.from_dense(a.detach()), x_hat)
+    def training_selection(self, encoder: EncoderPass, ctx: StepContext) -> SparseLayout:
+        """Each token's top k* latents, k* matching ||x_n - b_dec|| (afa_k)."""
+        u = encoder.z.relu()
+        return afa_layout(u, self.W_dec.detach().norm(dim=1), self.target_norm(encoder.x_n))
+
+    def code_losses(self, encoder, x_n, code, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """AuxK (from TopKSAE) and afa_coef * mean_B (||a|| - ||x_n||)^2."""
+        terms = super().code_losses(encoder, x_n, code, x_hat, ctx)
+        squared_norms = torch.zeros(len(x_n), dtype=code.values.dtype, device=x_n.device)
+        code_norms = squared_norms.index_add(0, code.layout.rows, code.values.pow(2)).sqrt()
+        terms["afa"] = self.option("afa").afa_coef * (code_norms - x_n.norm(dim=-1)).pow(2).mean()
+        return terms
