@@ -253,7 +253,7 @@ class TrainConfig:
     out: str = option("runs/sae", "Output folder: one subfolder per trained SAE, plus logs and checkpoints.")
     train_tokens: int = option(1_000_000, "Tokens to train on (per SAE).")
     batch_size: int = option(4096, "Tokens per optimiser step.")
-    lr: float = option(0.0, "Adam learning rate; 0 means the variant's default (TopK: 2e-4 * (d_sae / 2^14)^-0.5).")
+    lr: float = option(0.0, "Adam learning rate; 0 means the variant's default (top-k family: 5e-4 * (d_sae / 2^14)^-0.5).")
     init_tokens: int = option(65_536, "Tokens sampled before training for the input scale and the b_dec init.")
     adam_beta1: float = option(0.9, "Adam beta1.")
     adam_beta2: float = option(0.999, "Adam beta2.")

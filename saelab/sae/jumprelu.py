@@ -18,6 +18,11 @@ Sparsity (`--sparsity-mode`), lambda = l0_coef * ctx.sparsity_scale:
     target: lambda * (L0 / target_l0 - 1)^2, L0 = mean_B sum_i H(z_i - theta_i) (dictionary_learning)
 Decoder rows are kept at unit norm (Gemma Scope); folding norms at save time also rescales theta.
 
+Run length: the L0 term reaches only theta, and Adam moves log theta by about lr per step whatever the
+term's scale, so in a run of S steps theta can change by at most a factor of about exp(lr * S). In short runs
+the L0 is therefore set by theta_init, not by l0_coef (measured: l0_coef 1, 5 and 20 give identical SAEs
+after 120 steps at lr 1e-3; BENCHMARKS.md).
+
 Sparse training (step and target modes): every derivative above vanishes unless z_i > theta_i - eps/2 (the
 entry is active, or theta's pseudo-derivative window covers it), so the code is kept as those entries only
 and trains on saelab.kernels' sparse path with exactly the same loss and gradients. The tanh mode's
