@@ -18,3 +18,12 @@ def perturb(sae, seed=1):
         if hasattr(sae, "log_threshold"):
             sae.log_threshold.copy_(torch.empty(sae.d_sae).uniform_(math.log(0.05), math.log(0.5), generator=g))
     return sae
+
+
+def assert_encoder_gradient_only_at_selected(sae, out) -> torch.Tensor:
+    """After out.loss.backward(): W_enc's gradient is zero for every latent the code never selected and nonzero
+    for every selected one. Returns the [d_sae] bool mask of selected latents."""
+    selected = (out.code.dense() != 0).any(dim=0)
+    assert (sae.W_enc.grad[:, ~selected] == 0).all()
+    assert (sae.W_enc.grad[:, selected].abs().sum(dim=0) > 0).all()
+    return selected

@@ -3,6 +3,7 @@ recovery on signed data, and one latent per signed direction where ReLU-TopK nee
 
 import pytest
 import torch
+from helpers import assert_encoder_gradient_only_at_selected
 
 from saelab.config import AuxConfig, SAEConfig, TopKConfig
 from saelab.sae.abstopk import AbsTopKSAE
@@ -53,9 +54,7 @@ def test_gradient_reaches_selected_entries_only():
     sae = make(aux_coef=0.0)
     out = sae.training_loss(torch.randn(3, 32), StepContext())
     out.loss.backward()
-    selected = (out.code.dense() != 0).any(dim=0)
-    assert (sae.W_enc.grad[:, ~selected] == 0).all()
-    assert (sae.W_enc.grad[:, selected].abs().sum(dim=0) > 0).all()
+    assert_encoder_gradient_only_at_selected(sae, out)
 
 
 def test_signed_auxk_picks_dead_latents_by_magnitude():

@@ -3,6 +3,7 @@ inference (L0 ~ k on held-out data), AuxK as TopK, fold/save invariance, planted
 
 import pytest
 import torch
+from helpers import assert_encoder_gradient_only_at_selected
 
 from saelab.config import AuxConfig, SAEConfig, TopKConfig
 from saelab.errors import SaelabError
@@ -56,9 +57,7 @@ def test_unselected_latents_get_zero_encoder_gradient():
     sae = make(aux_coef=0.0)
     out = sae.training_loss(torch.randn(3, 32), StepContext())
     out.loss.backward()
-    selected = (out.code.dense() != 0).any(dim=0)
-    assert (sae.W_enc.grad[:, ~selected] == 0).all()
-    assert (sae.W_enc.grad[:, selected].abs().sum(dim=0) > 0).all()
+    assert_encoder_gradient_only_at_selected(sae, out)
 
 
 def test_rescaling_selects_on_z_times_decoder_norm():
