@@ -3,6 +3,7 @@
     python scripts/bench_step.py [--n 16384] [--d 768] [--k 32] [--batch 4096] [--dtype float32] [--rounds 5]
     python scripts/bench_step.py --variants          # BatchTopK, mutual choice, JumpReLU: sparse vs dense backward
     python scripts/bench_step.py --crossover         # sparse vs dense backward as the code's density grows
+    python scripts/bench_step.py --inference         # ReLU-L1 inference, sae(x): CSR decode vs dense matmul
 
 Candidates, timed in interleaved rounds in one process (median), on the same batch and sizes:
   naive     a dense PyTorch TopK SAE: z = x W + b, top-k scattered into a dense [B, n] code, code @ W_dec
@@ -225,6 +226,41 @@ def crossover_table(args) -> None:
         )
 
 
+def relu_inference(args, dtype, density: float, backend: str):
+    """sae(x) of a ReLU SAE whose b_enc puts each latent's threshold at its (1 - density) quantile of z, run
+    under SAELAB_KERNELS=backend (eager: the CSR code and sparse decode; dense: the [B, n] code @ W_dec)."""
+    sae = create_sae(args.d, SAEConfig(architecture="relu", d_sae=args.n, input_norm="none")).to(dtype)
+    with torch.no_grad():
+        z = sae.encode_pre(batch_for(args, dtype)[:1024]).float()
+        sae.b_enc -= z.quantile(1 - density, dim=0).to(dtype)
+
+    def step(x):
+        os.environ["SAELAB_KERNELS"] = backend
+        with torch.no_grad():
+            sae(x)
+
+    return step
+
+
+def inference_table(args) -> None:
+    """Inference for a dense-activation variant (ReLU-L1): the code is converted to CSR and decoded sparsely
+    unless it is denser than DENSE_CROSSOVER. Switched off here so both paths run at every density."""
+    saelab.sae.base.DENSE_CROSSOVER = 1.0
+    dtype = DTYPES[args.dtype]
+    x = batch_for(args, dtype)
+    print(f"\nn={args.n} d_in={args.d} batch={args.batch} {args.dtype}: ReLU-L1 sae(x), CSR decode vs dense\n")
+    print("| density | L0 | CSR (s) | dense (s) | dense / CSR |")
+    print("|---|---|---|---|---|")
+    for density in (0.002, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3):
+        steps = {backend: relu_inference(args, dtype, density, backend) for backend in ("eager", "dense")}
+        seconds = interleaved(steps, x, args.rounds)
+        print(
+            f"| {density:.3f} | {density * args.n:.0f} | {seconds['eager']:.3f} | {seconds['dense']:.3f} | "
+            f"{seconds['dense'] / seconds['eager']:.2f} |"
+        )
+    os.environ.pop("SAELAB_KERNELS")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=16384, help="latents")
@@ -236,6 +272,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--variants", action="store_true", help="BatchTopK / choice: sparse vs dense backward")
     parser.add_argument("--crossover", action="store_true", help="sparse vs dense backward across densities")
+    parser.add_argument("--inference", action="store_true", help="ReLU-L1 sae(x): CSR decode vs dense matmul")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -253,6 +290,8 @@ def main() -> None:
         variants_table(args)
     elif args.crossover:
         crossover_table(args)
+    elif args.inference:
+        inference_table(args)
     else:
         argv = [a for a in sys.argv[1:] if a != "--no-memory"]
         main_table(args, argv)

@@ -4,7 +4,17 @@ every gradient), and a whole training step of each sparse-code variant, sparse k
 import pytest
 import torch
 
-from saelab.config import AFAConfig, AuxConfig, ChoiceConfig, GSAEConfig, JumpReLUConfig, SAEConfig, TopKConfig
+from saelab.config import (
+    AFAConfig,
+    AuxConfig,
+    ChoiceConfig,
+    GSAEConfig,
+    JumpReLUConfig,
+    L1Config,
+    SAEConfig,
+    ThresholdConfig,
+    TopKConfig,
+)
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout, decode, eager, encode_at
 from saelab.sae.base import StepContext
@@ -280,3 +290,44 @@ def test_topafa_sparse_step_equals_the_dense_formula():
     torch.testing.assert_close(out.loss, loss)
     for got, p in zip(sparse_grads, sae.parameters()):
         torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)
+
+
+DENSE_VARIANTS = [
+    ("relu", {"l1": L1Config()}),
+    ("threshold", {"threshold": ThresholdConfig(threshold_family="cel0", threshold_lambda=0.5, threshold_gamma=0.3)}),
+    ("jumprelu", {"jumprelu": JumpReLUConfig(theta_init=0.3, sparsity_mode="tanh")}),
+]
+
+
+@pytest.mark.parametrize("backend", ["eager", "dense"])
+@pytest.mark.parametrize(
+    ("architecture", "options"), VARIANTS + DENSE_VARIANTS, ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_inference_code_is_csr_and_decodes_like_the_dense_code(architecture, options, backend, monkeypatch):
+    """Every variant, dense ones included: encode_code keeps exactly the nonzero entries of activate's dense code,
+    and sae(x) (decoded from the CSR code) equals the dense decode, values and input gradients alike."""
+    monkeypatch.setenv("SAELAB_KERNELS", backend)
+    sae = make_sae(architecture, options)
+    with torch.no_grad():
+        sae.b_enc.uniform_(-0.5, 0.2)  # a code with variable counts per token, some latents silent
+        sae.b_dec.normal_()
+        if hasattr(sae, "threshold"):  # batch-level variants: an untrained inference threshold is +inf
+            sae.threshold.fill_(0.5)
+    x = torch.randn(3, 20, 16, generator=torch.Generator().manual_seed(14), requires_grad=True)
+
+    code, x_n, _ = sae.encode_code(x)
+    reference = sae.activate(sae.encode_pre(x_n))
+    assert code.layout.batch == 60 and code.layout.n_latents == sae.d_sae
+    assert code.layout.nnz == int((reference != 0).sum())  # no stored zeros
+    torch.testing.assert_close(code.dense(), reference)
+    assert 0 < code.l0() < sae.d_sae
+
+    out = sae(x)
+    (out * torch.linspace(-1, 1, 16)).sum().backward()
+    grad_sparse = x.grad.clone()
+    x.grad = None
+    x_n_ref, _ = sae.normalize(x.reshape(-1, 16))
+    expected = sae.denormalize(sae.decode(sae.activate(sae.encode_pre(x_n_ref))), None).reshape(x.shape)
+    (expected * torch.linspace(-1, 1, 16)).sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_sparse, x.grad, rtol=1e-5, atol=1e-5)

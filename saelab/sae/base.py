@@ -73,6 +73,12 @@ class LossOutput(NamedTuple):
 DENSE_CROSSOVER = 0.15
 
 
+def prefers_dense(layout: SparseLayout) -> bool:
+    """Whether dense matmuls beat the sparse kernels for this layout: above the measured density crossover, or
+    when SAELAB_KERNELS=dense."""
+    return requested_backend() == "dense" or layout.nnz > DENSE_CROSSOVER * layout.batch * layout.n_latents
+
+
 class EncoderPass:
     """One batch's encoder pass for a sparse-code variant: dense pre-activations for selecting entries,
     differentiable pre-activations and decoding at the selected entries only.
@@ -94,9 +100,7 @@ class EncoderPass:
             return torch.addmm(self.sae.b_enc, x_in, self.sae.W_enc)
 
     def use_dense(self, layout: SparseLayout) -> bool:
-        if not self.sparse_kernels or requested_backend() == "dense":
-            return True
-        return layout.nnz > DENSE_CROSSOVER * layout.batch * layout.n_latents
+        return not self.sparse_kernels or prefers_dense(layout)
 
     def at(self, layout: SparseLayout) -> torch.Tensor:
         """[nnz] z at the layout's entries, with gradients to the encoder's inputs and weights."""
@@ -204,7 +208,10 @@ class SAE(nn.Module):
         return self.select(encoder.z, ctx)
 
     def sparse_encode(self, z: torch.Tensor, ctx: StepContext | None = None) -> SparseCode:
-        """Sparse-code variants: z [batch, d_sae] -> the code as a SparseCode (no autograd through selection)."""
+        """z [batch, d_sae] -> the code as a SparseCode (no autograd through selection). Dense variants keep the
+        nonzero entries of `activate`, so every variant's code can be decoded and counted sparsely."""
+        if not self.sparse_code:
+            return SparseCode.from_dense(self.activate(z, ctx))
         layout = self.select(z.detach(), ctx)
         return SparseCode(layout, self.values_at(z[layout.rows, layout.indices], layout, ctx))
 
@@ -216,18 +223,27 @@ class SAE(nn.Module):
         """a [batch, d_sae] -> reconstruction [batch, d_in] in the normalised space."""
         return a @ self.W_dec + self.b_dec
 
+    def decode_code(self, code: SparseCode) -> torch.Tensor:
+        """A SparseCode over [batch, d_sae] -> reconstruction [batch, d_in] in the normalised space, on the sparse
+        kernels unless the code is dense enough for the matmul to win (differentiable in values and W_dec)."""
+        return decode(code.values, self.W_dec, code.layout, dense=prefers_dense(code.layout)) + self.b_dec
+
+    def encode_code(self, x: torch.Tensor) -> tuple[SparseCode, torch.Tensor, Any]:
+        """Raw activations [..., d_in] (flattened to [batch, d_in]) -> (SparseCode over [batch, d_sae], x_n
+        [batch, d_in] in the normalised space, what `denormalize` needs). The inference entry point for
+        evaluation and dashboards: the code stays sparse (CSR) for every variant."""
+        x_n, stats = self.normalize(x.reshape(-1, self.d_in))
+        return self.sparse_encode(self.encode_pre(x_n)), x_n, stats
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw activations [..., d_in] -> code [..., d_sae] (inference)."""
-        flat = x.reshape(-1, self.d_in)
-        x_n, _ = self.normalize(flat)
-        return self.activate(self.encode_pre(x_n)).reshape(*x.shape[:-1], self.d_sae)
+        """Raw activations [..., d_in] -> dense code [..., d_sae] (inference)."""
+        code, _, _ = self.encode_code(x)
+        return code.dense().reshape(*x.shape[:-1], self.d_sae)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw activations [..., d_in] -> raw reconstruction [..., d_in] (inference)."""
-        flat = x.reshape(-1, self.d_in)
-        x_n, stats = self.normalize(flat)
-        x_hat = self.decode(self.activate(self.encode_pre(x_n)))
-        return self.denormalize(x_hat, stats).reshape(x.shape)
+        """Raw activations [..., d_in] -> raw reconstruction [..., d_in] (inference; sparse decode)."""
+        code, _, stats = self.encode_code(x)
+        return self.denormalize(self.decode_code(code), stats).reshape(x.shape)
 
     # -- training ----------------------------------------------------------------------------------
     def reconstruction_loss(self, x_n: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from saelab.errors import SaelabError
-from saelab.kernels import SparseLayout
+from saelab.kernels import SparseCode, SparseLayout
 from saelab.sae.base import EncoderPass, StepContext
 from saelab.sae.topk import TopKSAE
 
@@ -157,15 +157,24 @@ class TopAFASAE(TopKSAE):
         """z [batch, d_sae], target_norm [batch] -> (code [batch, d_sae], k* [batch])."""
         return afa_select(z.relu(), self.W_dec.detach().norm(dim=1), target_norm)
 
-    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
-        """z [batch, d_sae] -> code [batch, d_sae]; z must be the tensor the latest `encode_pre` returned."""
+    def _pending_norm(self, z: torch.Tensor) -> torch.Tensor:
+        """||x_n - b_dec|| [batch] remembered by the `encode_pre` call that returned z."""
         pending = getattr(self, "_pending", None)
         if pending is None or pending[0]() is not z:
             raise SaelabError(
                 "top-AFA selection needs ||x - b_dec||: pass the output of sae.encode_pre(x_n) straight to "
                 "activate, or call sae.afa_code(z, sae.target_norm(x_n))."
             )
-        return self.afa_code(z, pending[1]).acts
+        return pending[1]
+
+    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        """z [batch, d_sae] -> code [batch, d_sae]; z must be the tensor the latest `encode_pre` returned."""
+        return self.afa_code(z, self._pending_norm(z)).acts
+
+    def sparse_encode(self, z: torch.Tensor, ctx: StepContext | None = None) -> SparseCode:
+        """z [batch, d_sae] (the latest `encode_pre` output) -> each token's top k* latents as a SparseCode."""
+        layout = afa_layout(z.detach().relu(), self.W_dec.detach().norm(dim=1), self._pending_norm(z))
+        return SparseCode(layout, self.values_at(z[layout.rows, layout.indices], layout, ctx))
 
     def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
         """Refused: z alone cannot fix k* (TopKSAE's select would silently use --k)."""
