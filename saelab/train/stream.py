@@ -42,6 +42,11 @@ class CacheStream:
             )
         self.dims = {hook: cache.d(hook) for hook in hooks}
         self.description = f"cache {cache.path} ({cache.n_tokens:,} tokens)"
+        # What the SAE was trained on, so evaluation can default to contexts after these (held-out text).
+        self.provenance = {
+            "data": cache.manifest["identity"]["data"],
+            "train_contexts": cache.manifest["shards"][-1]["contexts"][1],
+        }
 
     def sample(self, n: int, draw: int = 0) -> ActivationBatch:
         """n tokens drawn uniformly from the whole cache (seeded by --seed and `draw`), e.g. for initialisation."""
@@ -68,6 +73,7 @@ class LiveStream:
         self.source = ActivationSource(model, hooks, with_grads=grads, include_special=cmd.harvest.include_special)
         self.dims = dict(self.source.dims)
         self.description = f"live harvest from {cmd.model.model} over '{cmd.data.corpus}'"
+        self.provenance = {"data": dataclasses.asdict(cmd.data), "train_contexts": None}  # cycles over the corpus
 
     def _contexts(self, first_cycle: int = 0) -> Iterator[torch.Tensor]:
         for cycle in itertools.count(first_cycle):

@@ -251,7 +251,7 @@ class Trainer:
         need_grads = any(spec.sections["sae"].architecture == "gsae" for spec in self.specs)
         hooks = list(dict.fromkeys(spec.hook for spec in self.specs))
         self.stream = open_stream(cmd, hooks, need_grads, model=model, progress=progress)
-        metadata = {"model": cmd.model.model, "source": self.stream.description}
+        metadata = {"model": cmd.model.model, "source": self.stream.description, **self.stream.provenance}
         self.runs = [Run(spec, self.stream.dims[spec.hook], metadata, cmd.data.seed) for spec in self.specs]
         self.start_step = 0
         self.resample_events: list[tuple[str, int, int]] = []  # (run, after step, latents resampled)
