@@ -6,7 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from saelab.config import CacheCommand, ModelConfig, TrainCommand, add_arguments, from_args
+from saelab.config import (
+    CacheCommand,
+    DarkMatterCommand,
+    DeadCommand,
+    EvalCommand,
+    ModelConfig,
+    TrainCommand,
+    add_arguments,
+    from_args,
+)
 from saelab.errors import SaelabError
 
 
@@ -25,6 +34,42 @@ def _train(args: argparse.Namespace) -> None:
     for folder in train(config, progress=not args.quiet):
         print(f"saved SAE: {folder}")
     print(f"metrics: {config.train.out}/metrics.jsonl, curves: {config.train.out}/training_curves.html")
+
+
+def _dead(args: argparse.Namespace) -> None:
+    from saelab.analysis.dead import dead_report
+
+    summary, page, data = dead_report(from_args(DeadCommand, args).dead, progress=not args.quiet)
+    dead, density = summary["dead"], summary["final_density"]
+    print(f"dead at the end: {dead['at_end']} of {summary['d_sae']} ({100 * dead['fraction_at_end']:.2f}%); "
+          f"ever dead {dead['ever']}, revived {dead['revived']} ({dead['revived_after_resample']} after resampling); "
+          f"dense {100 * density['dense_fraction']:.2f}%")
+    print(f"report: {page}, summary: {data}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from saelab.analysis.evaluate import format_table, run_eval
+
+    results, written = run_eval(from_args(EvalCommand, args), progress=not args.quiet)
+    print(format_table(results))
+    print(f"{results[0]['n_tokens']:,} tokens in {results[0]['seconds']:.0f} s; metrics: {', '.join(map(str, written))}")
+
+
+def _darkmatter(args: argparse.Namespace) -> None:
+    from saelab.analysis.darkmatter import run_darkmatter, summary_rows
+    from saelab.analysis.report import format_value
+
+    config = from_args(DarkMatterCommand, args)
+    result = run_darkmatter(config, progress=not args.quiet)
+    for row in summary_rows(result):
+        print("  ".join(f"{key} {format_value(value)}" for key, value in row.items()))
+    if result.downstream:
+        ce = result.downstream
+        print(f"downstream CE over {ce['tokens']:,} positions: clean {ce['clean']:.4f}, x spliced {ce['input']:.4f}")
+        for s in result.saes:
+            print(f"  {s.name}: " + ", ".join(f"{part} {value:.4f}" for part, value in s.downstream.items()))
+    out = config.darkmatter.out
+    print(f"{result.setup['wall_seconds']['total']:.0f} s; report: {out}/darkmatter.html, numbers: {out}/darkmatter.json")
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -74,6 +119,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train, TrainCommand)
     train.add_argument("--quiet", action="store_true", help="No progress bars.")
     train.set_defaults(run=_train)
+
+    dead = commands.add_parser(
+        "dead",
+        help="Dead-latent statistics of a trained SAE: when latents died, revivals, densities, dense/dead geometry.",
+        description="Read the latent history `saelab train` saves beside each SAE and write dead_report.html (plotly "
+        "figures) and dead.json: tokens since last firing, firing frequencies over training, which latents died "
+        "and when, revivals after resampling or otherwise, dense / ultra-low densities and decoder geometry.",
+    )
+    add_arguments(dead, DeadCommand)
+    dead.add_argument("--run", dest="sae", default=argparse.SUPPRESS, help="The same as --sae.")
+    dead.add_argument("--quiet", action="store_true", help="No progress bar.")
+    dead.set_defaults(run=_dead)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="Evaluate SAEs: reconstruction, sparsity, CE loss recovered and KL when spliced into the model.",
+        description="Evaluate one or more SAEs (saelab or SAELens folders) in one pass over held-out text: FVU, MSE, "
+        "cosine, shrinkage, L0, dead/dense latents, CE loss recovered (vs zero and mean ablation), delta LM loss "
+        "and KL. Writes a JSON per SAE and prints a table.",
+    )
+    add_arguments(evaluate, EvalCommand)
+    evaluate.add_argument("--quiet", action="store_true", help="No progress bar.")
+    evaluate.set_defaults(run=_eval)
+
+    darkmatter = commands.add_parser(
+        "darkmatter",
+        help="Split SAE errors into a part linear in the input and a nonlinear rest (Engels et al. 2024).",
+        description="Fit the least-squares map W* from activations x to SAE errors e = x - x_hat on cached tokens, "
+        "then report on held-out tokens: R2 of e from x W*, linear predictions of ||e||^2, ||x_hat||^2, ||x||^2 and "
+        "||eps_NL||^2, the nonlinear FVU, whether the SAEs fail on the same tokens and (--downstream) the CE with "
+        "x_hat plus the linear or the nonlinear error. Writes darkmatter.json and darkmatter.html.",
+    )
+    add_arguments(darkmatter, DarkMatterCommand)
+    darkmatter.add_argument("--quiet", action="store_true", help="No progress bars.")
+    darkmatter.set_defaults(run=_darkmatter)
 
     info = commands.add_parser("info", help="Summarise an activation cache.", description="Summarise a cache folder.")
     info.add_argument("path", help="Cache folder (holds manifest.json).")

@@ -357,3 +357,123 @@ class TrainCommand:
     choice: ChoiceConfig = field(default_factory=ChoiceConfig)
     afa: AFAConfig = field(default_factory=AFAConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+
+
+# --- dead-latent statistics ------------------------------------------------------------------------
+
+
+@dataclass
+class DeadConfig:
+    sae: str = option("", "Saved SAE folder from `saelab train` (it holds latent_history.safetensors); or --run.")
+    out: str = option("", "Folder for dead_report.html and dead.json; empty: the --sae folder.")
+    dead_tokens: int = option(0, "Dead after this many tokens without firing; 0: the run's training threshold.")
+    dense_threshold: float = option(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
+    density_fraction: float = option(
+        0.2, "Final densities (dense / ultra-low) are measured over this last fraction of training."
+    )
+    timeline_latents: int = option(
+        300, "At most this many latents (evenly spread by death time) in the per-latent timeline."
+    )
+    cache: str = option("", "Activation cache for the mean activation direction (optional; b_dec is always compared).")
+    mean_tokens: int = option(65_536, "Tokens of --cache averaged for the mean activation.")
+
+
+@dataclass
+class DeadCommand:
+    """`saelab dead`: dead-latent statistics and figures from a trained SAE's latent history."""
+
+    dead: DeadConfig = field(default_factory=DeadConfig)
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalModelConfig(ModelConfig):
+    model: str = option(
+        "",
+        "Model to evaluate the SAEs in (names as for `saelab cache`); empty: the model recorded in the SAEs' metadata.",
+    )
+
+
+@dataclass
+class EvalConfig:
+    sae: list[str] = option(
+        [], "SAE folders to evaluate in one pass over the text (saelab or SAELens format; one model, any hooks)."
+    )
+    n_tokens: int = option(
+        131_072,
+        "Tokens of text to evaluate on (contexts x context_length, rounded up). A batch costs 3 model forwards per "
+        "hook (clean, zero- and mean-ablated) plus 1 per SAE; one SmolLM2 forward over the algorithms doc's 1M tokens "
+        "alone takes ~30 min on a 2-core CPU, hence the smaller default.",
+    )
+    batch_contexts: int = option(8, "Contexts per model forward pass.")
+    skip_contexts: int = option(
+        -1,
+        "Contexts of the text stream to skip before evaluating. -1: the SAEs' training contexts when their metadata "
+        "records training on this --corpus/--seed/--context-length (held-out text), else 0 (with a note).",
+    )
+    mean_tokens: int = option(
+        16_384, "Tokens from the start of the evaluation text whose mean activation is the mean-ablation baseline (0: all)."
+    )
+    dense_threshold: float = option(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
+    downstream: bool = option(
+        True, "Splice reconstructions into the model for CE loss recovered and KL (--no-downstream: no extra forwards)."
+    )
+    out: str = option(
+        "", "JSON file to write; empty: eval.json in each SAE folder. With several SAEs it holds {'evaluations': [...]}."
+    )
+
+
+@dataclass
+class EvalCommand:
+    """`saelab eval`: reconstruction, sparsity and downstream metrics of SAEs on held-out text."""
+
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --- dark matter -----------------------------------------------------------------------------------
+
+
+@dataclass
+class DarkMatterConfig:
+    sae: list[str] = option([], "SAE folders to analyse in the same passes, all of one hook (saelab or SAELens format).")
+    cache: str = option("runs/cache", "Activation cache holding the SAEs' hook; W* is fitted on its first tokens.")
+    eval_cache: str = option(
+        "", "Cache to evaluate on (held-out text); empty: the contexts of --cache after the fit tokens."
+    )
+    fit_tokens: int = option(
+        150_000, "Tokens to fit the linear maps on (the paper's 150k). Without --eval-cache, --cache must hold "
+        "--fit-tokens + --eval-tokens; with it, each is capped by its cache's size."
+    )
+    eval_tokens: int = option(150_000, "Held-out tokens to evaluate on.")
+    skip_positions: int = option(
+        16,
+        "Drop tokens at context positions below this (and keep them clean downstream): early positions carry "
+        "outlier activations (attention sinks) that dominate squared errors. The paper drops < 200 of 1024-token "
+        "contexts; 16 of our default 128 drops the worst and keeps 7/8 of the tokens.",
+    )
+    intercept: bool = option(False, "Fit the linear error as x W + b instead of x W (the paper uses no intercept).")
+    rcond: float = option(
+        1e-12,
+        "Least-squares cutoff on the eigenvalues of X^T X relative to the largest (1e-12 = singular values of X "
+        "below 1e-6 of the largest, the float32 resolution; the paper's lstsq on X uses rcond 1e-9).",
+    )
+    batch_tokens: int = option(8192, "Tokens per batch read from the cache.")
+    downstream: bool = option(
+        False,
+        "Also measure next-token CE with x_hat, x_hat + linear error and x_hat + nonlinear error spliced into the "
+        "model (loads it; runs 3 forwards per SAE on text after the cache's contexts).",
+    )
+    downstream_tokens: int = option(32_768, "Tokens of text for the downstream CE.")
+    device: str = option("cpu", "Torch device for the SAEs, the least squares and the model.")
+    out: str = option("runs/darkmatter", "Folder for darkmatter.json and darkmatter.html.")
+
+
+@dataclass
+class DarkMatterCommand:
+    """`saelab darkmatter`: linear vs nonlinear SAE error (Engels et al. 2024) over cached activations."""
+
+    darkmatter: DarkMatterConfig = field(default_factory=DarkMatterConfig)

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+import saelab.train.history as history_module
 from saelab.activations import ActivationCache
 from saelab.config import DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainCommand, TrainConfig
 from saelab.errors import SaelabError
@@ -155,3 +156,84 @@ def test_relu_2023_form_resamples_dead_latents_at_the_given_steps(tmp_path, cach
     trainer.fit()
     assert trainer.resample_events == [(HOOKS[0], 6, 50)]
     assert sae.b_enc[:50].abs().max() < 1  # reset to 0 at step 6, then trained: no longer unable to fire
+
+
+def test_latent_history_holds_every_latents_firings_between_log_steps(tmp_path, cache, monkeypatch):
+    import saelab.train.trainer as trainer_module
+    from saelab.analysis.dead import LatentHistory
+
+    per_step = []  # [d_sae] per step, recounted from the dense code
+    train_step = trainer_module.train_step
+
+    def recording_step(sae, optimizer, x_n, ctx, grad_clip=0.0):
+        out = train_step(sae, optimizer, x_n, ctx, grad_clip)
+        per_step.append((out.code.dense() != 0).sum(dim=0))
+        return out
+
+    monkeypatch.setattr(trainer_module, "train_step", recording_step)
+    cmd = command(tmp_path, cache, log_every=4)  # 30 steps: records after steps 0, 4, 8, ..., 28 and 29
+    trainer = Trainer(cmd, progress=False)
+    folder = trainer.fit()[0]
+    history = LatentHistory.load(folder)
+    fired = torch.stack(per_step)  # [30 steps, d_sae]
+    closing = [0, 4, 8, 12, 16, 20, 24, 28, 29]
+    expected = torch.stack([fired[a + 1 : b + 1].sum(0) for a, b in zip([-1, *closing], closing)])
+    assert torch.equal(history.counts, expected)
+    assert history.tokens.tolist() == [256 * (s + 1) for s in closing]
+    last_fired = torch.where(fired > 0, torch.arange(30)[:, None], -1).max(dim=0).values
+    assert torch.equal(history.since_fired, 256 * (29 - last_fired))  # never fired: 256 * 30 tokens
+    assert history.dead_tokens == cmd.aux.dead_tokens and history.info["run"] == HOOKS[0]
+    assert load_sae(folder).d_sae == history.d_sae  # the SAE loader ignores the history file
+
+
+def test_recorder_merges_adjacent_records_and_keeps_the_totals(monkeypatch):
+    monkeypatch.setattr(history_module, "MAX_HISTORY_RECORDS", 4)
+    recorder = history_module.LatentRecorder(6, torch.device("cpu"))
+    rows = torch.randint(0, 1000, (11, 6), generator=torch.Generator().manual_seed(0))
+    for i, row in enumerate(rows):
+        recorder.add(row)
+        recorder.log_step(100 * (i + 1), last=i == 10)
+    # 4 records -> 2 (pairs), then one per 2 log steps -> 4 -> 2 (spans of 4), then the last 3 close one record
+    assert recorder.tokens == [400, 800, 1100] and recorder.log_steps_per_record == 4
+    assert [c.tolist() for c in recorder.counts] == [rows[0:4].sum(0).tolist(), rows[4:8].sum(0).tolist(),
+                                                     rows[8:11].sum(0).tolist()]
+    assert torch.equal(torch.stack(recorder.counts).sum(0).long(), rows.sum(0))
+
+
+def test_resumed_run_writes_the_same_latent_history(tmp_path, cache, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(history_module, "MAX_HISTORY_RECORDS", 4)  # merges before and after the interruption
+
+    def relu_command(root, **train):
+        cmd = command(root, cache, log_every=2, **train)
+        cmd.sae.architecture = "relu"
+        cmd.l1.decoder_norm, cmd.l1.resample_steps = "unit", [6, 20]
+        cmd.aux.dead_tokens = 256 * 3
+        return cmd
+
+    def trainer_with_dead_latents(cmd):
+        trainer = Trainer(cmd, progress=False)
+        with torch.no_grad():
+            trainer.runs[0].sae.b_enc[:50] = -1e4  # silent until resampled
+        return trainer
+
+    trainer_with_dead_latents(relu_command(tmp_path / "a")).fit()
+    original = Run.step
+
+    def interrupt_at_17(self, batch, step, total, log):
+        if step == 17:
+            raise KeyboardInterrupt
+        return original(self, batch, step, total, log)
+
+    monkeypatch.setattr(Run, "step", interrupt_at_17)
+    with pytest.raises(KeyboardInterrupt):
+        trainer_with_dead_latents(relu_command(tmp_path / "b")).fit()
+    monkeypatch.setattr(Run, "step", original)
+    Trainer(relu_command(tmp_path / "b", resume=True), progress=False).fit()
+    reference = load_file(tmp_path / "a" / "run" / HOOKS[0] / "latent_history.safetensors")
+    resumed = load_file(tmp_path / "b" / "run" / HOOKS[0] / "latent_history.safetensors")
+    assert reference["resample_steps"].tolist() == [6, 20] and reference["resample_offsets"][1] >= 50
+    assert 2 <= len(reference["tokens"]) < 4
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)

@@ -8,7 +8,9 @@
 Checkpoints (`checkpoint.pt`, written atomically every --checkpoint-every steps, on Ctrl-C and on a NaN loss)
 hold every run's SAE, optimiser and counters; `--resume` continues from one to the same result as an
 uninterrupted run. Metrics go to `metrics.jsonl` (and wandb if asked); at the end each SAE is saved, folded,
-to `<out>/<run name>/` with `sae.safetensors` + `cfg.json`, and `training_curves.html` plots the logs.
+to `<out>/<run name>/` with `sae.safetensors` + `cfg.json`, and `training_curves.html` plots the logs. Beside
+each SAE, `latent_history.safetensors` holds how often every latent fired between log steps, its final tokens
+since last firing and the resampling events (`LatentRecorder`; read by saelab.analysis.dead).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from saelab.errors import SaelabError
 from saelab.sae.base import SAE, StepContext
 from saelab.sae.io import save_sae
 from saelab.sae.registry import create_sae, sae_class
+from saelab.train.history import LATENT_HISTORY, LatentRecorder
 from saelab.train.resample import resample_dead_latents
 from saelab.train.step import train_step
 from saelab.train.stream import open_stream
@@ -137,6 +140,7 @@ class Run:
             self.sae.parameters(), lr=self.lr, betas=(spec.train.adam_beta1, spec.train.adam_beta2), fused=True
         )
         self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=self.sae.W_dec.device)
+        self.history = LatentRecorder(self.sae.d_sae, self.sae.W_dec.device)
         self.dead_tokens = spec.sections["aux"].dead_tokens
         self.needs_grads = self.sae.architecture == "gsae"
 
@@ -172,11 +176,13 @@ class Run:
         if not torch.isfinite(out.loss):
             raise _NonFinite(self.spec.name, step)
         with torch.no_grad():
-            fired = out.code.fired()
+            firing_counts = out.code.firing_counts()
             self.since_fired += len(x)
-            self.since_fired[fired] = 0
+            self.since_fired[firing_counts > 0] = 0
+            self.history.add(firing_counts)
             if not log:
                 return None
+            self.history.log_step((step + 1) * train.batch_size, last=step == total - 1)
             x_hat = self.sae.denormalize(out.x_hat, stats)
             fvu = (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
             return {
@@ -202,11 +208,13 @@ class Run:
         count = resample_dead_latents(self.sae, self.optimizer, dead, x_n, losses,
                                       self.sae.option("l1").resample_scale, generator)
         self.since_fired[dead] = 0  # give resampled latents a fresh window
+        self.history.resampled(steps_done, steps_done * self.spec.train.batch_size, dead.nonzero().squeeze(1))
         return count
 
     def state(self) -> dict[str, Any]:
         return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "since_fired": self.since_fired, "metadata": self.sae.metadata, "d_in": self.sae.d_in}
+                "since_fired": self.since_fired, "metadata": self.sae.metadata, "d_in": self.sae.d_in,
+                "history": self.history.state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         if state["d_in"] != self.sae.d_in:
@@ -217,6 +225,7 @@ class Run:
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.since_fired = state["since_fired"].to(self.sae.W_dec.device)
+        self.history.load_state(state["history"])
         self.sae.metadata = state["metadata"]
 
 
@@ -349,7 +358,11 @@ class Trainer:
         for run in self.runs:
             run.sae.metadata.update(trained_tokens=step * self.cmd.train.batch_size, run=run.spec.name,
                                     sweep=run.spec.overrides)
-            folders.append(save_sae(run.sae, self.out / run.spec.name))
+            folder = save_sae(run.sae, self.out / run.spec.name)
+            info = {"run": run.spec.name, "hook": run.spec.hook, "dead_tokens": run.dead_tokens,
+                    "batch_size": self.cmd.train.batch_size, "log_every": self.cmd.train.log_every}
+            write_atomic(folder / LATENT_HISTORY, run.history.to_bytes(run.since_fired, info))
+            folders.append(folder)
         write_training_curves(self.out / METRICS, self.out / "training_curves.html")
         return folders
 
@@ -384,4 +397,5 @@ def train(cmd: TrainCommand, model=None, progress: bool = True) -> list[Path]:
     return Trainer(cmd, model=model, progress=progress).fit()
 
 
-__all__ = ["Run", "RunSpec", "Trainer", "learning_rate", "plan_runs", "train", "write_training_curves"]
+__all__ = ["Run", "RunSpec", "Trainer", "learning_rate", "plan_runs", "train",
+           "write_training_curves"]

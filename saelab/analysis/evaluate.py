@@ -1,0 +1,440 @@
+"""Evaluate SAEs in their model: reconstruction, sparsity and downstream (spliced) metrics in one pass over text.
+
+Per batch of contexts: one clean forward (logits and the first hook's activation; other hooks' activations from
+one early-stopping capture), then per hook one zero-ablation and one mean-ablation forward, then one spliced
+forward per SAE. Several SAEs of one hook therefore share everything but their own spliced forward.
+
+    results = evaluate([load_sae(folder)], model, contexts)    # one dict per SAE (see `evaluate_targets`)
+    write_json(json_ready(results[0]), folder / "eval.json")
+    print(format_table(results))
+
+The core, `evaluate_targets`, takes reconstruction functions rather than SAEs, so exact baselines (identity,
+mean, zero) run through the same code as SAEs. `run_eval` is `saelab eval`: it loads SAEs and model, picks
+held-out text and writes the JSON files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from saelab import __version__
+from saelab.activations.hooks import resolve_hooks
+from saelab.activations.source import ActivationSource
+from saelab.analysis.metrics import DownstreamStats, ReconstructionStats, SparsityStats
+from saelab.analysis.splice import kl_divergence, next_token_losses, run_logits, splice_keep_mask
+from saelab.config import DataConfig
+from saelab.errors import SaelabError
+from saelab.kernels import SparseCode
+from saelab.sae.base import SAE
+
+if TYPE_CHECKING:
+    from saelab.config import EvalCommand
+
+Reconstruction = Callable[[torch.Tensor], tuple[torch.Tensor, SparseCode | None]]
+
+CONVENTIONS = {
+    "fvu": "global: sum of squared errors over sum of squared deviations from the mean over all evaluation tokens",
+    "explained_variance": "1 - fvu (global)",
+    "mse": "mean over tokens and dimensions of (x - x_hat)^2, raw activation space",
+    "normalized_mse_per_token": "per-token: mean over tokens of ||x - x_hat||^2 / ||x||^2",
+    "cosine": "mean over tokens of cos(x, x_hat)",
+    "shrinkage": "mean over tokens of ||x_hat|| / ||x||",
+    "positions": "reconstruction and sparsity over non-special positions (BOS and separators excluded); the hook is "
+    "replaced only there, and CE and KL average over the next-token predictions made from those positions",
+    "l0": "mean over tokens of the number of latents with a != 0",
+    "firing_frequency": "fraction of evaluation tokens on which a latent is nonzero; dead: never fired in the window, "
+    "dense: above dense_threshold",
+    "ce_recovered": "(CE_ablation - CE_sae) / (CE_ablation - CE_clean), against zero and against mean ablation",
+    "delta_lm_loss": "CE_sae - CE_clean (nats)",
+    "kl": "mean over predictions of KL(p_clean || p_other) in nats; kl_score = (KL_ablation - KL_sae) / KL_ablation",
+}
+
+
+class EvalTarget(NamedTuple):
+    """One reconstruction to evaluate at `hook`: reconstruct maps x [n, d] (raw, float32) to (x_hat [n, d], the
+    code over [n, d_sae] or None); d_sae = 0 means no code (no sparsity metrics). `name` appears in errors."""
+
+    name: str
+    hook: str
+    reconstruct: Reconstruction
+    d_sae: int = 0
+
+
+def sae_reconstruction(sae: SAE) -> Reconstruction:
+    """x [n, d_in] -> (sae's raw-space reconstruction [n, d_in], its SparseCode over [n, d_sae])."""
+
+    def reconstruct(x: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
+        code, _, stats = sae.encode_code(x.to(sae.W_enc))
+        return sae.denormalize(sae.decode_code(code), stats), code
+
+    return reconstruct
+
+
+def _batches(contexts: Iterable[torch.Tensor], batch_contexts: int) -> Iterable[torch.Tensor]:
+    iterator = iter(contexts)
+    while chunk := list(itertools.islice(iterator, batch_contexts)):
+        yield torch.stack(chunk)
+
+
+def hook_means(
+    model, hooks: Sequence[str], contexts: Iterable[torch.Tensor], batch_contexts: int = 8
+) -> dict[str, torch.Tensor]:
+    """Mean activation [d] (float32) of each hook over the non-special positions of `contexts` ([pos] tensors)."""
+    source = ActivationSource(model, hooks)
+    sums = {hook: torch.zeros(d, dtype=torch.float64) for hook, d in source.dims.items()}
+    n_tokens = 0
+    with torch.no_grad():
+        for tokens in _batches(contexts, batch_contexts):
+            batch = source.batch(tokens)
+            for hook in hooks:
+                sums[hook] += batch.acts[hook].double().sum(0)
+            n_tokens += len(batch)
+    if n_tokens == 0:
+        raise SaelabError("The mean-ablation text holds no non-special token; give more text (--mean-tokens).")
+    return {hook: (total / n_tokens).float() for hook, total in sums.items()}
+
+
+def _put(act: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """act [batch, pos, d] with its kept positions (keep [batch, pos]) replaced by rows [n_kept, d]."""
+    out = act.clone()
+    out[keep.to(act.device)] = rows.to(act)
+    return out
+
+
+def _broadcast(mean: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """mean [d] -> act's shape [batch, pos, d] (the mean-ablation replacement)."""
+    return mean.to(act).expand_as(act)
+
+
+def _spliced_losses(
+    model, tokens: torch.Tensor, hook: str, replace: Callable, keep: torch.Tensor, clean_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token CE [batch, pos-1], KL(clean || spliced) [batch, pos-1]) with `hook` replaced where `keep`."""
+    logits = run_logits(model, tokens, hook, replace=replace, keep=keep)
+    return next_token_losses(logits, tokens), kl_divergence(clean_logits, logits)[:, :-1]
+
+
+def evaluate_targets(
+    model,
+    targets: Sequence[EvalTarget],
+    contexts: Iterable[torch.Tensor],
+    *,
+    downstream: bool = True,
+    ablation_means: dict[str, torch.Tensor] | None = None,
+    batch_contexts: int = 8,
+    dense_threshold: float = 0.1,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Evaluate reconstructions in one pass over `contexts` ([pos] int64 token tensors, BOS first).
+
+    ablation_means: hook -> [d] mean activation, the mean-ablation baseline (needed when downstream).
+    Returns one dict per target: n_contexts, reconstruction (ReconstructionStats.result), sparsity
+    (SparsityStats.result, with firing_frequency a [d_sae] tensor; None without a code) and downstream
+    (DownstreamStats.result; None unless downstream).
+    """
+    hooks = list(dict.fromkeys(t.hook for t in targets))
+    resolve_hooks(model, hooks)
+    if downstream and (ablation_means is None or any(hook not in ablation_means for hook in hooks)):
+        raise SaelabError("Downstream evaluation needs the mean activation of every hook (ablation_means).")
+    reconstruction = [ReconstructionStats() for _ in targets]
+    sparsity = [SparsityStats(t.d_sae, dense_threshold) if t.d_sae else None for t in targets]
+    spliced = [DownstreamStats() if downstream else None for _ in targets]
+    captured_hooks = hooks[1:] if downstream else hooks  # downstream: the clean forward captures hooks[0]
+    source = ActivationSource(model, captured_hooks) if captured_hooks else None
+    total = math.ceil(len(contexts) / batch_contexts) if isinstance(contexts, Sequence) else None
+    n_contexts = 0
+    bar = tqdm(total=total, unit="batch", desc=f"evaluating {len(targets)} SAE(s)", disable=not progress)
+    with torch.no_grad():
+        for tokens in _batches(contexts, batch_contexts):
+            keep = splice_keep_mask(model, tokens)
+            acts: dict[str, torch.Tensor] = {}
+            if downstream:
+                clean_logits, acts[hooks[0]] = run_logits(model, tokens, hooks[0], capture=True)
+                ce_clean = next_token_losses(clean_logits, tokens)
+            if source is not None:
+                acts.update(source.harvest(tokens)[0])
+            for hook in hooks:
+                x = acts[hook][keep.to(acts[hook].device)].float()  # [n_kept, d]
+                if downstream:
+                    ce_zero, kl_zero = _spliced_losses(model, tokens, hook, torch.zeros_like, keep, clean_logits)
+                    ce_mean, kl_mean = _spliced_losses(
+                        model, tokens, hook, functools.partial(_broadcast, ablation_means[hook]), keep, clean_logits
+                    )
+                for i, target in enumerate(targets):
+                    if target.hook != hook:
+                        continue
+                    x_hat, code = target.reconstruct(x)
+                    if not bool(torch.isfinite(x_hat).all()):
+                        raise SaelabError(
+                            f"{target.name} produced non-finite reconstructions (NaN or inf) at {hook}. Its weights "
+                            "are likely corrupt (a diverged training run); check them or retrain."
+                        )
+                    reconstruction[i].update(x, x_hat)
+                    if sparsity[i] is not None and code is not None:
+                        sparsity[i].update(code)
+                    if downstream:
+                        ce_sae, kl_sae = _spliced_losses(
+                            model, tokens, hook, functools.partial(_put, keep=keep, rows=x_hat), keep, clean_logits
+                        )
+                        spliced[i].update(ce_clean, ce_sae, ce_zero, ce_mean, kl_sae, kl_zero, kl_mean, keep[:, :-1])
+            n_contexts += tokens.shape[0]
+            bar.update()
+    bar.close()
+    return [
+        {
+            "n_contexts": n_contexts,
+            "reconstruction": reconstruction[i].result(),
+            "sparsity": None if sparsity[i] is None else sparsity[i].result(),
+            "downstream": None if spliced[i] is None else spliced[i].result(),
+        }
+        for i in range(len(targets))
+    ]
+
+
+def check_saes(saes: Sequence[SAE], model, names: Sequence[str]) -> list[str]:
+    """Each SAE's hook (from its metadata), checked to exist on `model` with width d_in; raises SaelabError."""
+    hooks = []
+    for sae, name in zip(saes, names):
+        hook = sae.metadata.get("hook")
+        if not hook:
+            raise SaelabError(
+                f"{name} does not record the hook it reads (metadata 'hook'); add it to the metadata in its cfg.json."
+            )
+        try:
+            resolve_hooks(model, [hook])
+        except SaelabError as exc:
+            raise SaelabError(f"{name} reads hook '{hook}', which the model lacks. {exc}") from exc
+        hooks.append(hook)
+    dims = ActivationSource(model, list(dict.fromkeys(hooks))).dims
+    for sae, name, hook in zip(saes, names, hooks):
+        if sae.d_in != dims[hook]:
+            raise SaelabError(
+                f"{name} has d_in {sae.d_in}, but {hook} of this model is {dims[hook]} wide. Evaluate it in the "
+                "model it was trained on (--model)."
+            )
+    return hooks
+
+
+def evaluate(
+    saes: Sequence[SAE],
+    model,
+    contexts: Iterable[torch.Tensor],
+    *,
+    names: Sequence[str] | None = None,
+    downstream: bool = True,
+    mean_tokens: int = 16_384,
+    batch_contexts: int = 8,
+    dense_threshold: float = 0.1,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Evaluate SAEs (each at its metadata's hook) in one pass over `contexts` ([pos] int64 token tensors).
+
+    The mean-ablation baseline is the mean activation over the first `mean_tokens` tokens of `contexts` (0: all).
+    Returns one dict per SAE: `evaluate_targets`' metrics plus sae (its name), architecture, hook, d_in,
+    d_sae, mean_ablation (what the mean was taken over) and conventions.
+    """
+    names = list(names) if names is not None else [f"SAE {i}" for i in range(len(saes))]
+    hooks = check_saes(saes, model, names)
+    contexts = list(contexts)
+    if not contexts:
+        raise SaelabError("No text to evaluate on: the context stream is empty.")
+    means, mean_info = None, None
+    if downstream:
+        length = contexts[0].shape[0]
+        n_mean = len(contexts) if mean_tokens <= 0 else min(len(contexts), math.ceil(mean_tokens / length))
+        means = hook_means(model, list(dict.fromkeys(hooks)), contexts[:n_mean], batch_contexts)
+        mean_info = {
+            "source": f"mean hook activation over the non-special positions of the first {n_mean} evaluation contexts",
+            "n_contexts": n_mean,
+            "n_tokens": n_mean * length,
+        }
+    targets = [
+        EvalTarget(name, hook, sae_reconstruction(sae), sae.d_sae) for sae, name, hook in zip(saes, names, hooks)
+    ]
+    results = evaluate_targets(
+        model,
+        targets,
+        contexts,
+        downstream=downstream,
+        ablation_means=means,
+        batch_contexts=batch_contexts,
+        dense_threshold=dense_threshold,
+        progress=progress,
+    )
+    return [
+        {
+            "sae": name,
+            "architecture": sae.architecture,
+            "hook": hook,
+            "d_in": sae.d_in,
+            "d_sae": sae.d_sae,
+            **result,
+            "mean_ablation": mean_info,
+            "conventions": CONVENTIONS,
+        }
+        for sae, name, hook, result in zip(saes, names, hooks, results)
+    ]
+
+
+# -- saelab eval -----------------------------------------------------------------------------------------------
+
+
+def heldout_skip(metadatas: Sequence[dict], data: DataConfig, requested: int) -> tuple[int, str | None]:
+    """Contexts of the `data` stream to skip before evaluating, and a note for the user (or None).
+
+    requested >= 0 is used as given. -1 (auto): the most training contexts among SAEs whose metadata records
+    training on exactly `data` ("data" and "train_contexts"), so no SAE is evaluated on text it saw; 0 if none does.
+    """
+    if requested >= 0:
+        return requested, None
+    wanted = dataclasses.asdict(data)
+    trained = [m.get("train_contexts") if m.get("data") == wanted else None for m in metadatas]
+    known = [t for t in trained if isinstance(t, int)]
+    skip = max(known, default=0)
+    unknown = len(trained) - len(known)
+    if unknown == 0:
+        return skip, None
+    return skip, (
+        f"{unknown} of {len(trained)} SAE(s) record no training contexts for --corpus {data.corpus} --seed "
+        f"{data.seed} --context-length {data.context_length}, so evaluation starts at context {skip} and may include "
+        "text they were trained on (--skip-contexts N skips more)."
+    )
+
+
+def eval_model_name(saes: Sequence[SAE], names: Sequence[str], given: str) -> tuple[str, str | None]:
+    """The model to evaluate in (the one given, else the one the SAEs record) and a note for the user (or None)."""
+    recorded = {name: sae.metadata.get("model") for sae, name in zip(saes, names)}
+    models = sorted({m for m in recorded.values() if m})
+    if len(models) > 1:
+        listing = "; ".join(f"{name}: {model}" for name, model in recorded.items())
+        raise SaelabError(f"The SAEs were trained on different models ({listing}); evaluate each model's separately.")
+    if given:
+        note = (
+            f"the SAEs record model '{models[0]}', evaluating in '{given}'." if models and models[0] != given else None
+        )
+        return given, note
+    if not models:
+        raise SaelabError("The SAEs do not record the model they were trained on; pass it with --model.")
+    return models[0], None
+
+
+def json_ready(result: dict[str, Any]) -> dict[str, Any]:
+    """A result of `evaluate` with the [d_sae] firing frequencies summarised (median, p90, p99, max)."""
+    out = dict(result)
+    if out.get("sparsity") is not None:
+        sparsity = dict(out["sparsity"])
+        frequency = sparsity.pop("firing_frequency")
+        q = torch.quantile(frequency, torch.tensor([0.5, 0.9, 0.99], dtype=frequency.dtype)).tolist()
+        sparsity["firing_frequency"] = {"median": q[0], "p90": q[1], "p99": q[2], "max": float(frequency.max())}
+        out["sparsity"] = sparsity
+    return out
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+TABLE_COLUMNS = (  # header, result section, key, format, scale
+    ("FVU", "reconstruction", "fvu", "{:.4f}", 1),
+    ("MSE", "reconstruction", "mse", "{:.4g}", 1),
+    ("cos", "reconstruction", "cosine", "{:.4f}", 1),
+    ("shrink", "reconstruction", "shrinkage", "{:.3f}", 1),
+    ("L0", "sparsity", "l0", "{:.1f}", 1),
+    ("dead %", "sparsity", "dead_fraction", "{:.1f}", 100),
+    ("dense %", "sparsity", "dense_fraction", "{:.1f}", 100),
+    ("CE rec zero", "downstream", "ce_recovered_zero", "{:.4f}", 1),
+    ("CE rec mean", "downstream", "ce_recovered_mean", "{:.4f}", 1),
+    ("dLM loss", "downstream", "delta_lm_loss", "{:.4f}", 1),
+    ("KL", "downstream", "kl_sae", "{:.4f}", 1),
+)
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """One row per result of `evaluate`: SAE (folder name) and the TABLE_COLUMNS metrics ('-': not computed)."""
+
+    def cell(result: dict, section: str, key: str, fmt: str, scale: float) -> str:
+        value = (result.get(section) or {}).get(key)
+        return "-" if value is None else fmt.format(value * scale)
+
+    header = ["SAE", *(column[0] for column in TABLE_COLUMNS)]
+    rows = [[Path(r["sae"]).name, *(cell(r, *column[1:]) for column in TABLE_COLUMNS)] for r in results]
+    widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
+    lines = [
+        "  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths)))
+        for row in [header, *rows]
+    ]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def run_eval(config: EvalCommand, progress: bool = True) -> tuple[list[dict[str, Any]], list[Path]]:
+    """`saelab eval`: evaluate config.eval.sae on held-out text in one pass; returns (JSON-ready results, the JSON
+    files written: eval.json in each SAE folder, or the one --out file)."""
+    from saelab.data import token_contexts
+    from saelab.models import load_model
+    from saelab.sae.io import load_sae
+    from saelab.sae.saelens import WEIGHTS as SAELENS_WEIGHTS
+
+    options = config.eval
+    if not options.sae:
+        raise SaelabError("Name the SAE folders to evaluate: --sae DIR [DIR ...].")
+    if options.n_tokens <= 0 or options.batch_contexts <= 0:
+        raise SaelabError("--n-tokens and --batch-contexts must be positive.")
+    started = time.perf_counter()
+    names = [str(folder) for folder in options.sae]
+    saes = [load_sae(folder, device=config.model.device) for folder in names]
+    model_name, model_note = eval_model_name(saes, names, config.model.model)
+    skip, skip_note = heldout_skip([sae.metadata for sae in saes], config.data, options.skip_contexts)
+    for note in (model_note, skip_note):
+        if note:
+            print(f"saelab: note: {note}", file=sys.stderr)
+    model = load_model(model_name, device=config.model.device, dtype=config.model.model_dtype)
+    n_contexts = math.ceil(options.n_tokens / config.data.context_length)
+    contexts = list(itertools.islice(token_contexts(config.data, model.tokenizer), skip, skip + n_contexts))
+    if not contexts:
+        raise SaelabError(
+            f"The corpus holds no text after the {skip} skipped contexts; lower --skip-contexts or use another --seed."
+        )
+    results = evaluate(
+        saes,
+        model,
+        contexts,
+        names=names,
+        downstream=options.downstream,
+        mean_tokens=options.mean_tokens,
+        batch_contexts=options.batch_contexts,
+        dense_threshold=options.dense_threshold,
+        progress=progress,
+    )
+    run_info = {
+        "model": model_name,
+        "data": dataclasses.asdict(config.data),
+        "skip_contexts": skip,
+        "n_tokens": len(contexts) * config.data.context_length,
+        "seconds": round(time.perf_counter() - started, 1),
+        "saelab_version": __version__,
+    }
+    results = [
+        json_ready(
+            {**result, "format": "saelens" if (Path(folder) / SAELENS_WEIGHTS).is_file() else "saelab", **run_info}
+        )
+        for result, folder in zip(results, names)
+    ]
+    if options.out:
+        payload = results[0] if len(results) == 1 else {"evaluations": results}
+        return results, [write_json(payload, options.out)]
+    return results, [write_json(result, Path(folder) / "eval.json") for result, folder in zip(results, names)]
