@@ -15,7 +15,7 @@ from saelab.analysis.evaluate import (
     heldout_skip,
     hook_means,
 )
-from saelab.analysis.splice import splice_keep_mask
+from saelab.analysis.splice import run_logits, splice_keep_mask
 from saelab.cli import main
 from saelab.config import DataConfig, SAEConfig
 from saelab.data import token_contexts
@@ -83,6 +83,23 @@ def test_saes_at_two_hooks_in_one_pass_equal_separate_passes(tiny_model, context
         for section in ("reconstruction", "downstream"):
             assert joint[section] == pytest.approx(alone[section], rel=1e-6), section
         assert joint["sparsity"]["l0"] == alone["sparsity"]["l0"]
+
+
+def test_skip_positions_counts_and_splices_only_later_positions(tiny_model, contexts):
+    """FVU over positions >= 5 equals a direct computation on those tokens; CE counts only their predictions."""
+    sae = small_sae()
+    (result,) = evaluate([sae], tiny_model, contexts, mean_tokens=0, skip_positions=5)
+    tokens = torch.stack(contexts)
+    keep = splice_keep_mask(tiny_model, tokens)
+    keep[:, :5] = False
+    _, acts = run_logits(tiny_model, tokens, RESID, capture=True)
+    x = acts[keep].double()
+    with torch.no_grad():
+        x_hat = sae(x.float()).double()
+    fvu = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert result["reconstruction"]["n_tokens"] == int(keep.sum())
+    assert result["reconstruction"]["fvu"] == pytest.approx(float(fvu), rel=1e-5)
+    assert result["downstream"]["n_predictions"] == int(keep[:, :-1].sum())
 
 
 def test_abstopk_l0_counts_negative_codes(tiny_model, contexts):

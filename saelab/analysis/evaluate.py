@@ -135,9 +135,12 @@ def evaluate_targets(
     ablation_means: dict[str, torch.Tensor] | None = None,
     batch_contexts: int = 8,
     dense_threshold: float = 0.1,
+    skip_positions: int = 0,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate reconstructions in one pass over `contexts` ([pos] int64 token tensors, BOS first).
+
+    Positions below `skip_positions` (and special tokens) keep their clean activation and are not counted.
 
     ablation_means: hook -> [d] mean activation, the mean-ablation baseline (needed when downstream).
     Returns one dict per target: n_contexts, reconstruction (ReconstructionStats.result), sparsity
@@ -159,6 +162,7 @@ def evaluate_targets(
     with torch.no_grad():
         for tokens in _batches(contexts, batch_contexts):
             keep = splice_keep_mask(model, tokens)
+            keep[:, :skip_positions] = False
             acts: dict[str, torch.Tensor] = {}
             if downstream:
                 clean_logits, acts[hooks[0]] = run_logits(model, tokens, hooks[0], capture=True)
@@ -237,6 +241,7 @@ def evaluate(
     mean_tokens: int = 16_384,
     batch_contexts: int = 8,
     dense_threshold: float = 0.1,
+    skip_positions: int = 0,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate SAEs (each at its metadata's hook) in one pass over `contexts` ([pos] int64 token tensors).
@@ -271,6 +276,7 @@ def evaluate(
         ablation_means=means,
         batch_contexts=batch_contexts,
         dense_threshold=dense_threshold,
+        skip_positions=skip_positions,
         progress=progress,
     )
     return [
@@ -418,12 +424,14 @@ def run_eval(config: EvalCommand, progress: bool = True) -> tuple[list[dict[str,
         mean_tokens=options.mean_tokens,
         batch_contexts=options.batch_contexts,
         dense_threshold=options.dense_threshold,
+        skip_positions=options.skip_positions,
         progress=progress,
     )
     run_info = {
         "model": model_name,
         "data": dataclasses.asdict(config.data),
         "skip_contexts": skip,
+        "skip_positions": options.skip_positions,
         "n_tokens": len(contexts) * config.data.context_length,
         "seconds": round(time.perf_counter() - started, 1),
         "saelab_version": __version__,
