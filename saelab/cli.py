@@ -95,65 +95,74 @@ def _hooks(args: argparse.Namespace) -> None:
         print("\n".join(names))
 
 
+def _command(commands, name: str, config_cls: type, handler, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose flags come from `config_cls`, plus --quiet (no progress bars)."""
+    parser = commands.add_parser(name, help=help, description=description)
+    add_arguments(parser, config_cls)
+    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    parser.set_defaults(run=handler)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `saelab` parser: one subparser per command, flags from its dataclass config."""
     parser = argparse.ArgumentParser(prog="saelab", description="Sparse-autoencoder interpretability toolkit.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    cache = commands.add_parser(
+    _command(
+        commands,
         "cache",
+        CacheCommand,
+        _cache,
         help="Harvest activations from a model over a corpus into an on-disk cache (resumable).",
         description="Harvest activations at one or more hooks into sharded safetensors with a manifest. "
         "Rerunning the same command resumes an interrupted build.",
     )
-    add_arguments(cache, CacheCommand)
-    cache.add_argument("--quiet", action="store_true", help="No progress bar.")
-    cache.set_defaults(run=_cache)
 
-    train = commands.add_parser(
+    _command(
+        commands,
         "train",
+        TrainCommand,
+        _train,
         help="Train SAEs (TopK on the embedded default with no arguments).",
         description="Train one SAE per hook (or per --sweep entry) from an activation cache, building the cache "
         "first if it does not exist. Ctrl-C writes a checkpoint; --resume continues it to the same result.",
     )
-    add_arguments(train, TrainCommand)
-    train.add_argument("--quiet", action="store_true", help="No progress bars.")
-    train.set_defaults(run=_train)
 
-    dead = commands.add_parser(
+    dead = _command(
+        commands,
         "dead",
+        DeadCommand,
+        _dead,
         help="Dead-latent statistics of a trained SAE: when latents died, revivals, densities, dense/dead geometry.",
         description="Read the latent history `saelab train` saves beside each SAE and write dead_report.html (plotly "
         "figures) and dead.json: tokens since last firing, firing frequencies over training, which latents died "
         "and when, revivals after resampling or otherwise, dense / ultra-low densities and decoder geometry.",
     )
-    add_arguments(dead, DeadCommand)
     dead.add_argument("--run", dest="sae", default=argparse.SUPPRESS, help="The same as --sae.")
-    dead.add_argument("--quiet", action="store_true", help="No progress bar.")
-    dead.set_defaults(run=_dead)
 
-    evaluate = commands.add_parser(
+    _command(
+        commands,
         "eval",
+        EvalCommand,
+        _eval,
         help="Evaluate SAEs: reconstruction, sparsity, CE loss recovered and KL when spliced into the model.",
         description="Evaluate one or more SAEs (saelab or SAELens folders) in one pass over held-out text: FVU, MSE, "
         "cosine, shrinkage, L0, dead/dense latents, CE loss recovered (vs zero and mean ablation), delta LM loss "
         "and KL. Writes a JSON per SAE and prints a table.",
     )
-    add_arguments(evaluate, EvalCommand)
-    evaluate.add_argument("--quiet", action="store_true", help="No progress bar.")
-    evaluate.set_defaults(run=_eval)
 
-    darkmatter = commands.add_parser(
+    _command(
+        commands,
         "darkmatter",
+        DarkMatterCommand,
+        _darkmatter,
         help="Split SAE errors into a part linear in the input and a nonlinear rest (Engels et al. 2024).",
         description="Fit the least-squares map W* from activations x to SAE errors e = x - x_hat on cached tokens, "
         "then report on held-out tokens: R2 of e from x W*, linear predictions of ||e||^2, ||x_hat||^2, ||x||^2 and "
         "||eps_NL||^2, the nonlinear FVU, whether the SAEs fail on the same tokens and (--downstream) the CE with "
         "x_hat plus the linear or the nonlinear error. Writes darkmatter.json and darkmatter.html.",
     )
-    add_arguments(darkmatter, DarkMatterCommand)
-    darkmatter.add_argument("--quiet", action="store_true", help="No progress bars.")
-    darkmatter.set_defaults(run=_darkmatter)
 
     info = commands.add_parser("info", help="Summarise an activation cache.", description="Summarise a cache folder.")
     info.add_argument("path", help="Cache folder (holds manifest.json).")

@@ -79,9 +79,8 @@ def test_training_reduces_fvu_and_saves_a_folded_sae_that_works_on_raw_activatio
     assert "plotly" in (tmp_path / "run" / "training_curves.html").read_text()[:100_000]
 
 
-def test_interrupted_training_resumes_to_the_identical_result(tmp_path, cache, monkeypatch):
-    reference = Trainer(command(tmp_path / "a", cache), progress=False)
-    reference.fit()
+def interrupt_at_step_17(monkeypatch, trainer: Trainer) -> None:
+    """Run `trainer` until Ctrl-C arrives at step 17 (it checkpoints there)."""
     original = Run.step
 
     def interrupt_at_17(self, batch, step, total, log):
@@ -91,8 +90,14 @@ def test_interrupted_training_resumes_to_the_identical_result(tmp_path, cache, m
 
     monkeypatch.setattr(Run, "step", interrupt_at_17)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(command(tmp_path / "b", cache), progress=False).fit()
+        trainer.fit()
     monkeypatch.setattr(Run, "step", original)
+
+
+def test_interrupted_training_resumes_to_the_identical_result(tmp_path, cache, monkeypatch):
+    reference = Trainer(command(tmp_path / "a", cache), progress=False)
+    reference.fit()
+    interrupt_at_step_17(monkeypatch, Trainer(command(tmp_path / "b", cache), progress=False))
     assert torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["step"] == 17
     with pytest.raises(SaelabError, match="Pass --resume"):
         Trainer(command(tmp_path / "b", cache), progress=False)
@@ -219,17 +224,7 @@ def test_resumed_run_writes_the_same_latent_history(tmp_path, cache, monkeypatch
         return trainer
 
     trainer_with_dead_latents(relu_command(tmp_path / "a")).fit()
-    original = Run.step
-
-    def interrupt_at_17(self, batch, step, total, log):
-        if step == 17:
-            raise KeyboardInterrupt
-        return original(self, batch, step, total, log)
-
-    monkeypatch.setattr(Run, "step", interrupt_at_17)
-    with pytest.raises(KeyboardInterrupt):
-        trainer_with_dead_latents(relu_command(tmp_path / "b")).fit()
-    monkeypatch.setattr(Run, "step", original)
+    interrupt_at_step_17(monkeypatch, trainer_with_dead_latents(relu_command(tmp_path / "b")))
     Trainer(relu_command(tmp_path / "b", resume=True), progress=False).fit()
     reference = load_file(tmp_path / "a" / "run" / HOOKS[0] / "latent_history.safetensors")
     resumed = load_file(tmp_path / "b" / "run" / HOOKS[0] / "latent_history.safetensors")
