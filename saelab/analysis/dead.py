@@ -31,7 +31,6 @@ re-initialised. With records r = 0..n-1 taken at T_r tokens (T_-1 = 0), and wind
 
 from __future__ import annotations
 
-import html
 import itertools
 import json
 from dataclasses import dataclass
@@ -44,15 +43,14 @@ from safetensors.torch import load_file, safe_open
 from tqdm.auto import tqdm
 
 from saelab.activations.cache import write_atomic
+from saelab.analysis.metrics import DENSITY_BIN_EDGES, DENSITY_EPS, RARE_FREQUENCIES
+from saelab.analysis.report import Section, write_report
 from saelab.config import DeadConfig
 from saelab.errors import SaelabError
 from saelab.train.history import HISTORY_FORMAT, LATENT_HISTORY
 
 REPORT_HTML = "dead_report.html"
 REPORT_JSON = "dead.json"
-DENSITY_EPS = 1e-10
-LOG_DENSITY_EDGES = torch.linspace(-10, 0, 41, dtype=torch.float64)  # log10(f + 1e-10) bins, 0.25 wide
-ULTRA_LOW = (1e-5, 1e-6)
 GROUP_SAMPLE = 4096
 
 
@@ -173,7 +171,7 @@ class LatentHistory:
         """float64 [n_records, d_sae]: f_ri, the fraction of window r's tokens on which latent i fired."""
         return self.counts.double() / self.window_tokens().double().unsqueeze(1)
 
-    def density_histogram(self, edges: torch.Tensor = LOG_DENSITY_EDGES) -> torch.Tensor:
+    def density_histogram(self, edges: torch.Tensor = DENSITY_BIN_EDGES) -> torch.Tensor:
         """int64 [n_records, n_bins]: latents per log10(f + 1e-10) bin (`edges` [n_bins + 1], even) per window."""
         return _row_histogram(torch.log10(self.density() + DENSITY_EPS), edges)
 
@@ -351,7 +349,7 @@ def summarize(history: LatentHistory, deaths: Deaths, config: DeadConfig, geomet
             "over_tokens": final_tokens,
             "dense_threshold": config.dense_threshold,
             "dense_fraction": float((final > config.dense_threshold).double().mean()),
-            **{f"below_{t:g}_fraction": float((final < t).double().mean()) for t in ULTRA_LOW},
+            **{f"below_{t:g}_fraction": float((final < t).double().mean()) for t in RARE_FREQUENCIES},
             "zero_fraction": float((final == 0).double().mean()),
             "log10_quantiles": _quantiles(torch.log10(final + DENSITY_EPS)),
         },
@@ -412,7 +410,7 @@ def _figures(history: LatentHistory, deaths: Deaths, config: DeadConfig) -> list
     )
     figures.append(density_hist)
 
-    centres = ((LOG_DENSITY_EDGES[1:] + LOG_DENSITY_EDGES[:-1]) / 2).tolist()
+    centres = ((DENSITY_BIN_EDGES[1:] + DENSITY_BIN_EDGES[:-1]) / 2).tolist()
     histogram = history.density_histogram()
     heat = go.Figure(
         go.Heatmap(
@@ -471,7 +469,8 @@ def _figures(history: LatentHistory, deaths: Deaths, config: DeadConfig) -> list
     return figures
 
 
-def _html_page(title: str, summary: dict[str, Any], figures: list) -> str:
+def _summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The report's headline numbers, one sentence each."""
     dead, density = summary["dead"], summary["final_density"]
     lines = [
         f"{summary['d_sae']} latents, {summary['trained_tokens']:,} tokens, {summary['records']} records; "
@@ -487,12 +486,7 @@ def _html_page(title: str, summary: dict[str, Any], figures: list) -> str:
         if stats is not None:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in stats.items() if isinstance(v, float))
             lines.append(f"{group} ({stats['latents']}): {parts}")
-    body = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    plots = "".join(fig.to_html(full_html=False, include_plotlyjs=i == 0) for i, fig in enumerate(figures))
-    return (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-        f"<body style='font-family:sans-serif'><h2>{html.escape(title)}</h2><ul>{body}</ul>{plots}</body></html>"
-    )
+    return lines
 
 
 def dead_report(config: DeadConfig, progress: bool = True) -> tuple[dict[str, Any], Path, Path]:
@@ -525,8 +519,11 @@ def dead_report(config: DeadConfig, progress: bool = True) -> tuple[dict[str, An
     out = Path(config.out or config.sae)
     out.mkdir(parents=True, exist_ok=True)
     title = f"Dead latents: {summary['run'] or Path(config.sae).name}"
-    page = _html_page(title, summary, _figures(history, deaths, config))
-    write_atomic(out / REPORT_HTML, page.encode())
+    write_report(
+        out / REPORT_HTML,
+        title,
+        [Section("Summary", "\n\n".join(_summary_lines(summary)), figures=_figures(history, deaths, config))],
+    )
     write_atomic(out / REPORT_JSON, json.dumps(summary, indent=1).encode())
     return summary, out / REPORT_HTML, out / REPORT_JSON
 
