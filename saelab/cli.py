@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from saelab.config import (
     CacheCommand,
     DarkMatterCommand,
+    DashboardCommand,
     DeadCommand,
     EvalCommand,
     ModelConfig,
@@ -70,6 +71,13 @@ def _darkmatter(args: argparse.Namespace) -> None:
             print(f"  {s.name}: " + ", ".join(f"{part} {value:.4f}" for part, value in s.downstream.items()))
     out = config.darkmatter.out
     print(f"{result.setup['wall_seconds']['total']:.0f} s; report: {out}/darkmatter.html, numbers: {out}/darkmatter.json")
+
+
+def _dashboard(args: argparse.Namespace) -> None:
+    from saelab.dashboard.site import build_dashboard
+
+    index = build_dashboard(from_args(DashboardCommand, args), progress=not args.quiet)
+    print(f"dashboard: {index} (open it in a browser; it works offline, from disk)")
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -162,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
         "then report on held-out tokens: R2 of e from x W*, linear predictions of ||e||^2, ||x_hat||^2, ||x||^2 and "
         "||eps_NL||^2, the nonlinear FVU, whether the SAEs fail on the same tokens and (--downstream) the CE with "
         "x_hat plus the linear or the nonlinear error. Writes darkmatter.json and darkmatter.html.",
+    )
+
+    _command(
+        commands,
+        "dashboard",
+        DashboardCommand,
+        _dashboard,
+        help="Build a static, offline feature-dashboard site for an SAE (index table + one page per latent).",
+        description="Scan an activation cache with the SAE and write a static site (no server, no internet): an "
+        "index of all latents to sort and filter, and per-latent pages with top and quantile examples highlighted "
+        "token by token, activation histograms, logit effects, decoder-cosine neighbours and (hook_z) attention-head "
+        "attribution. Open index.html in a browser.",
     )
 
     info = commands.add_parser("info", help="Summarise an activation cache.", description="Summarise a cache folder.")

@@ -482,3 +482,35 @@ class DarkMatterCommand:
     """`saelab darkmatter`: linear vs nonlinear SAE error (Engels et al. 2024) over cached activations."""
 
     darkmatter: DarkMatterConfig = field(default_factory=DarkMatterConfig)
+
+
+# --- feature dashboards ----------------------------------------------------------------------------
+
+
+@dataclass
+class DashboardModelConfig(ModelConfig):
+    model: str = option(
+        "",
+        "Model for logit effects (names as for `saelab cache`); empty: the model in the SAE's metadata; 'none': no "
+        "logit effects (token strings then come from the metadata model's tokenizer).",
+    )
+
+
+@dataclass
+class DashboardConfig:
+    sae: str = option("", "SAE folder to build the dashboard for (saelab or SAELens format).")
+    cache: str = option("runs/cache", "Activation cache holding the SAE's hook; examples come from its tokens.")
+    n_features: int = option(0, "Only the first N latents (0: all of them).")
+    features: list[int] = option([], "Only these latent ids, e.g. 3 17 4096 (overrides --n-features).")
+    n_tokens: int = option(0, "Tokens of the cache to scan for examples and densities (0: all of them).")
+    top_k: int = option(20, "Top-activating examples shown per latent.")
+    quantile_examples: int = option(5, "Examples per activation-quantile bin.")
+    out: str = option("", "Folder for the static site (index.html, feature.html, data/); empty: <sae>/dashboard.")
+
+
+@dataclass
+class DashboardCommand:
+    """`saelab dashboard`: a static, offline feature-dashboard site for one SAE."""
+
+    model: DashboardModelConfig = field(default_factory=DashboardModelConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)

@@ -168,7 +168,13 @@ def _cli_build(out, config):
     flags = ["--model", "tiny-native", "--context-length", "32", "--hooks", *config.harvest.hooks,
              "--batch-contexts", "1", "--n-tokens", str(config.cache.n_tokens),
              "--shard-tokens", str(config.cache.shard_tokens), "--out", str(out), "--quiet"]
-    return subprocess.Popen([sys.executable, "-m", "saelab", "cache", *flags], stderr=subprocess.PIPE, text=True)
+    # A runner that starts the suite in the background (e.g. `cmd &` in a script) makes children ignore SIGINT;
+    # restore Python's handler so the interrupt this test sends is the one a user's Ctrl-C would be.
+    code = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from saelab.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    return subprocess.Popen([sys.executable, "-c", code, "cache", *flags], stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_shards(out, n, process, timeout=120):

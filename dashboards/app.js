@@ -1,0 +1,375 @@
+/* saelab feature dashboard: renders index.html and feature.html from the data files under data/.
+   Token text comes from arbitrary corpora, so the DOM is built with createElement and textContent only:
+   no data ever passes through innerHTML. */
+"use strict";
+
+var saelab = (function () {
+  var PAGE_SIZE = 200;
+  var features = {};
+
+  function el(tag, props, children) {
+    var node = document.createElement(tag);
+    Object.keys(props || {}).forEach(function (key) {
+      if (key === "text") node.textContent = props[key];
+      else if (key === "className") node.className = props[key];
+      else node.setAttribute(key, props[key]);
+    });
+    (children || []).forEach(function (child) {
+      node.appendChild(typeof child === "string" ? document.createTextNode(child) : child);
+    });
+    return node;
+  }
+
+  function clear(node) {
+    while (node.firstChild) node.removeChild(node.firstChild);
+    return node;
+  }
+
+  function fmt(x) {
+    if (x === null || x === undefined) return "–";
+    if (typeof x !== "number") return String(x);
+    if (x === 0) return "0";
+    var a = Math.abs(x);
+    if (Number.isInteger(x) && a < 1e9) return x.toLocaleString("en-US");
+    if (a >= 1e4 || a < 1e-3) return x.toExponential(2);
+    return String(Number(x.toPrecision(4)));
+  }
+
+  function fmtDensity(d) {
+    if (d === null || d === undefined) return "–";
+    if (d === 0) return "0";
+    var pct = d * 100;
+    return (pct < 0.01 ? pct.toExponential(1) : String(Number(pct.toPrecision(3)))) + "%";
+  }
+
+  /* Whitespace would be invisible: show newlines, returns and tabs as symbols, the spaces of an all-whitespace
+     piece as middle dots, and an empty piece as ∅. */
+  function visible(token) {
+    if (token === "") return "∅";
+    var shown = token.replace(/\r/g, "␍").replace(/\n/g, "↵").replace(/\t/g, "⇥");
+    return token.trim() === "" ? shown.replace(/ /g, "·") : shown;
+  }
+
+  function tokenChip(token) {
+    return el("span", { className: "chip", text: visible(token), title: JSON.stringify(token) });
+  }
+
+  function featureLink(id, label) {
+    return el("a", { href: "feature.html?id=" + Number(id), text: label === undefined ? String(id) : label });
+  }
+
+  function badges(dead, dense) {
+    var out = [];
+    if (dead) out.push(el("span", { className: "badge dead", text: "dead" }));
+    if (dense) out.push(el("span", { className: "badge dense", text: "dense" }));
+    return out;
+  }
+
+  function bars(target, edges, counts, options) {
+    if (!window.Plotly) {
+      target.appendChild(el("p", { className: "muted", text: "plotly.min.js is missing: no chart." }));
+      return;
+    }
+    var centers = [], widths = [], colours = [];
+    for (var i = 0; i < counts.length; i++) {
+      centers.push((edges[i] + edges[i + 1]) / 2);
+      widths.push(edges[i + 1] - edges[i]);
+      colours.push(options.signed && centers[i] < 0 ? "#2f6fdb" : "#e8590c");
+    }
+    var trace = { type: "bar", x: centers, y: counts, width: widths, marker: { color: colours },
+                  hovertemplate: "%{x:.3g}: %{y}<extra></extra>" };
+    Plotly.newPlot(target, [trace], {
+      height: options.height || 240, margin: { l: 50, r: 10, t: 10, b: 45 }, bargap: 0,
+      xaxis: { title: { text: options.xTitle } }, yaxis: { title: { text: options.yTitle }, type: options.yType || "linear" },
+    }, { displayModeBar: false, responsive: true });
+  }
+
+  function indexRows() {
+    var index = window.SAELAB_INDEX || { columns: [], rows: [] };
+    return index.rows.map(function (row) {
+      var record = {};
+      index.columns.forEach(function (name, i) { record[name] = row[i]; });
+      record.search = record.top_tokens.map(function (t) { return (t + "\u0000" + visible(t)).toLowerCase(); });
+      return record;
+    });
+  }
+
+  function flatten(value, prefix, out) {
+    if (value !== null && typeof value === "object" && !Array.isArray(value)) {
+      Object.keys(value).forEach(function (key) { flatten(value[key], prefix ? prefix + "." + key : key, out); });
+    } else if (!Array.isArray(value)) {
+      out.push([prefix, value]);
+    }
+    return out;
+  }
+
+  function header(summary) {
+    document.getElementById("subtitle").textContent = [summary.architecture, summary.hook, summary.model,
+      "d_sae " + fmt(summary.d_sae), fmt(summary.n_tokens) + " tokens"].join(" · ");
+  }
+
+  /* ---------------------------------------------------------------- index page */
+
+  function renderIndex() {
+    var summary = window.SAELAB_SUMMARY;
+    var rows = indexRows();
+    document.title = "SAE features: " + summary.sae;
+    document.getElementById("title").textContent = "SAE features: " + summary.sae;
+    header(summary);
+
+    var metrics = clear(document.getElementById("metrics"));
+    var facts = [["latents in this dashboard", summary.n_features], ["signed activations", summary.signed ? "yes" : "no"]];
+    facts.concat(flatten(summary.metrics || {}, "", [])).forEach(function (kv) {
+      metrics.appendChild(el("tr", {}, [el("th", { text: kv[0] }), el("td", { text: fmt(kv[1]) })]));
+    });
+    var hist = summary.density_histogram;
+    if (hist && hist.counts.length) {
+      bars(document.getElementById("density-histogram"), hist.edges, hist.counts,
+           { xTitle: "log10 firing density", yTitle: "latents" });
+    }
+
+    var state = { key: "id", dir: 1, page: 0, query: "", dead: true, dense: true };
+    var saved = new URLSearchParams(location.hash.slice(1));
+    if (saved.has("sort")) state.key = saved.get("sort");
+    if (saved.has("dir")) state.dir = saved.get("dir") === "-1" ? -1 : 1;
+    if (saved.has("page")) state.page = parseInt(saved.get("page"), 10) || 0;
+    if (saved.has("q")) state.query = saved.get("q");
+    if (saved.has("dead")) state.dead = saved.get("dead") === "1";
+    if (saved.has("dense")) state.dense = saved.get("dense") === "1";
+
+    var search = document.getElementById("search");
+    var showDead = document.getElementById("show-dead");
+    var showDense = document.getElementById("show-dense");
+    search.value = state.query;
+    showDead.checked = state.dead;
+    showDense.checked = state.dense;
+    var headers = Array.prototype.slice.call(document.querySelectorAll("#features th[data-key]"));
+    var tbody = document.querySelector("#features tbody");
+
+    function sortValue(row, key) {
+      if (key === "flags") return (row.dead ? 2 : 0) + (row.dense ? 1 : 0);
+      if (key === "top_tokens") return row.top_tokens.length ? row.top_tokens[0] : null;
+      return row[key];
+    }
+
+    function compare(a, b) {
+      var x = sortValue(a, state.key), y = sortValue(b, state.key);
+      if (x === y) return a.id - b.id;
+      if (x === null || x === undefined) return 1;
+      if (y === null || y === undefined) return -1;
+      return (x < y ? -1 : 1) * state.dir;
+    }
+
+    function visibleRows() {
+      var query = state.query.trim().toLowerCase();
+      return rows.filter(function (row) {
+        if (!state.dead && row.dead) return false;
+        if (!state.dense && row.dense) return false;
+        return !query || row.search.some(function (t) { return t.indexOf(query) >= 0; });
+      }).sort(compare);
+    }
+
+    function render() {
+      var shown = visibleRows();
+      var pages = Math.max(1, Math.ceil(shown.length / PAGE_SIZE));
+      state.page = Math.min(Math.max(0, state.page), pages - 1);
+      clear(tbody);
+      shown.slice(state.page * PAGE_SIZE, (state.page + 1) * PAGE_SIZE).forEach(function (row) {
+        tbody.appendChild(el("tr", { "data-id": row.id }, [
+          el("td", { className: "num" }, [featureLink(row.id)]),
+          el("td", { className: "num", text: fmtDensity(row.density) }),
+          el("td", { className: "num", text: fmt(row.max_act) }),
+          el("td", { className: "num", text: fmt(row.mean_act) }),
+          el("td", {}, badges(row.dead, row.dense)),
+          el("td", { className: "tokens" }, row.top_tokens.map(tokenChip)),
+        ]));
+      });
+      headers.forEach(function (th) {
+        var sorted = th.getAttribute("data-key") === state.key;
+        th.setAttribute("aria-sort", sorted ? (state.dir > 0 ? "ascending" : "descending") : "none");
+      });
+      document.getElementById("count").textContent = shown.length + " of " + rows.length + " latents";
+      document.getElementById("page").textContent = "page " + (state.page + 1) + " of " + pages;
+      document.getElementById("prev").disabled = state.page === 0;
+      document.getElementById("next").disabled = state.page >= pages - 1;
+      var hash = new URLSearchParams({ sort: state.key, dir: String(state.dir), page: String(state.page),
+                                       q: state.query, dead: state.dead ? "1" : "0", dense: state.dense ? "1" : "0" });
+      history.replaceState(null, "", "#" + hash.toString());
+    }
+
+    headers.forEach(function (th) {
+      th.addEventListener("click", function () {
+        var key = th.getAttribute("data-key");
+        if (key === state.key) state.dir = -state.dir;
+        else {
+          state.key = key;
+          state.dir = th.getAttribute("data-type") === "number" && key !== "id" ? -1 : 1;
+        }
+        state.page = 0;
+        render();
+      });
+    });
+    search.addEventListener("input", function () { state.query = search.value; state.page = 0; render(); });
+    showDead.addEventListener("change", function () { state.dead = showDead.checked; state.page = 0; render(); });
+    showDense.addEventListener("change", function () { state.dense = showDense.checked; state.page = 0; render(); });
+    document.getElementById("prev").addEventListener("click", function () { state.page -= 1; render(); });
+    document.getElementById("next").addEventListener("click", function () { state.page += 1; render(); });
+    render();
+  }
+
+  /* ---------------------------------------------------------------- feature page */
+
+  function register(chunk) {
+    chunk.features.forEach(function (feature) { features[feature.id] = feature; });
+  }
+
+  function chunkFile(id, chunkSize) {
+    return "data/features_" + String(Math.floor(id / chunkSize)).padStart(4, "0") + ".js";
+  }
+
+  function renderFeature() {
+    var summary = window.SAELAB_SUMMARY;
+    var rows = indexRows();
+    var raw = new URLSearchParams(location.search).get("id");
+    var status = document.getElementById("status");
+    if (raw === null && rows.length) raw = String(rows[0].id);
+    if (raw === null || !/^[0-9]+$/.test(raw)) {
+      status.textContent = "No latent id given: open this page as feature.html?id=N.";
+      return;
+    }
+    var id = parseInt(raw, 10);
+    header(summary);
+    var script = document.createElement("script");
+    script.charset = "utf-8";
+    script.src = chunkFile(id, summary.chunk_size);
+    script.onload = function () {
+      if (features[id]) showFeature(features[id], summary, rows);
+      else status.textContent = "Latent " + id + " is not in this dashboard.";
+    };
+    script.onerror = function () { status.textContent = "Latent " + id + " is not in this dashboard."; };
+    document.head.appendChild(script);
+  }
+
+  function section(title, children, className) {
+    return el("section", { className: "panel " + (className || "") }, [el("h2", { text: title })].concat(children));
+  }
+
+  function tokenLine(example, scale) {
+    var line = el("div", { className: "tokens-line" });
+    example.tokens.forEach(function (token, i) {
+      var act = example.acts[i];
+      var span = el("span", { className: "tok", text: visible(token), title: fmt(act), "data-act": String(act) });
+      if (act !== 0 && act !== null) {
+        var strength = Math.min(1, Math.abs(act) / scale);
+        span.classList.add(act > 0 ? "pos" : "neg");
+        span.style.backgroundColor = act > 0 ? "rgba(232, 89, 12, " + strength + ")"
+                                             : "rgba(47, 111, 219, " + strength + ")";
+        if (strength > 0.6) span.classList.add("strong");
+      }
+      if (i === example.focus) span.classList.add("focus");
+      line.appendChild(span);
+    });
+    return line;
+  }
+
+  function exampleList(examples, scale) {
+    if (!examples.length) return el("p", { className: "muted", text: "No examples." });
+    return el("div", { className: "examples" }, examples.map(function (example) {
+      var where = "context " + example.context + ", position " + example.position;
+      if (example.heads) {
+        where += "; DFA by head: " + example.heads.map(function (h, i) { return "H" + i + " " + fmt(h); }).join(", ");
+      }
+      var value = el("span", { className: "value", text: fmt(example.acts[example.focus]), title: where });
+      return el("div", { className: "example", "data-context": example.context, "data-position": example.position },
+                [value, tokenLine(example, scale)]);
+    }));
+  }
+
+  function logitTable(title, entries) {
+    return el("div", { className: "logits" }, [
+      el("h3", { text: title }),
+      el("table", {}, entries.map(function (entry) {
+        return el("tr", {}, [el("td", {}, [tokenChip(entry[0])]), el("td", { className: "num", text: fmt(entry[1]) })]);
+      })),
+    ]);
+  }
+
+  function showFeature(f, summary, rows) {
+    var main = clear(document.getElementById("feature"));
+    var byId = {};
+    rows.forEach(function (row) { byId[row.id] = row; });
+    document.title = "Latent " + f.id + " · " + summary.sae;
+    var title = clear(document.getElementById("title"));
+    title.appendChild(document.createTextNode("Latent " + f.id + " "));
+    badges(f.dead, f.dense).forEach(function (b) { title.appendChild(b); });
+    var position = rows.findIndex(function (row) { return row.id === f.id; });
+    [["prev-feature", position - 1, "← latent "], ["next-feature", position + 1, "latent "]].forEach(function (nav) {
+      var link = document.getElementById(nav[0]);
+      if (position >= 0 && nav[1] >= 0 && nav[1] < rows.length) {
+        var other = rows[nav[1]].id;
+        link.href = "feature.html?id=" + Number(other);
+        link.textContent = nav[0] === "prev-feature" ? nav[2] + other : nav[2] + other + " →";
+        link.classList.remove("hidden");
+      }
+    });
+
+    var stats = [["density", fmtDensity(f.density)], ["max", fmt(f.max_act)]];
+    if (summary.signed) stats.push(["min", fmt(f.min_act)]);
+    stats.push(["mean (firing)", fmt(f.mean_act)]);
+    var statLine = el("div", { className: "stats" }, stats.map(function (kv) {
+      return el("span", { className: "stat" }, [el("b", { text: kv[0] + " " }), kv[1]]);
+    }));
+    statLine.appendChild(el("span", { className: "stat" }, [el("b", { text: "top tokens " })].concat(f.top_tokens.map(tokenChip))));
+
+    var scale = summary.signed ? Math.max(Math.abs(f.max_act || 0), Math.abs(f.min_act || 0)) : f.max_act;
+    if (!(scale > 0)) scale = 1;
+    var left = el("div", { className: "column wide" }, [
+      section(summary.signed ? "Top activations (by |activation|)" : "Top activations", [exampleList(f.top, scale)]),
+    ]);
+    f.quantiles.slice().reverse().forEach(function (bin) {
+      left.appendChild(section("Activations in [" + fmt(bin.low) + ", " + fmt(bin.high) + "]",
+                               [exampleList(bin.examples, scale)], "quantile"));
+    });
+
+    var histogram = el("div", { id: "activation-histogram", className: "plot" });
+    var right = el("div", { className: "column" }, [section("Activation histogram (firing tokens)", [histogram])]);
+    if (f.logits) {
+      right.appendChild(section("Logit effects", [el("div", { className: "logit-columns" }, [
+        logitTable("promoted", f.logits.positive), logitTable("suppressed", f.logits.negative)])]));
+    } else {
+      right.appendChild(section("Logit effects", [el("p", { className: "muted",
+        text: "Not available: the model has no unembedding (encoder) or the dashboard was built without one." })]));
+    }
+    var neighbours = el("table", { className: "neighbours" }, f.neighbours.map(function (pair) {
+      var other = byId[pair[0]];
+      return el("tr", {}, [
+        el("td", { className: "num" }, [other ? featureLink(pair[0]) : el("span", { text: String(pair[0]) })]),
+        el("td", { className: "num", text: fmt(pair[1]) }),
+        el("td", { className: "tokens" }, other ? other.top_tokens.slice(0, 5).map(tokenChip) : []),
+      ]);
+    }));
+    right.appendChild(section("Nearest latents (decoder cosine)", [neighbours]));
+    var heads = null;
+    if (f.heads) {
+      heads = el("div", { id: "heads", className: "plot" });
+      right.appendChild(section("Direct feature attribution by head", [heads]));
+    }
+    main.appendChild(statLine);
+    main.appendChild(el("div", { className: "columns" }, [left, right]));
+
+    if (f.histogram && f.histogram.counts.length) {
+      bars(histogram, f.histogram.edges, f.histogram.counts,
+           { xTitle: "activation", yTitle: "tokens", signed: summary.signed });
+    } else {
+      histogram.appendChild(el("p", { className: "muted", text: "Never fired on the scanned tokens." }));
+    }
+    if (heads && window.Plotly) {
+      Plotly.newPlot(heads, [{ type: "bar", x: f.heads.map(function (_, i) { return "H" + i; }), y: f.heads,
+                               marker: { color: "#e8590c" } }],
+                     { height: 220, margin: { l: 50, r: 10, t: 10, b: 30 }, yaxis: { title: { text: "mean DFA" } } },
+                     { displayModeBar: false, responsive: true });
+    }
+  }
+
+  return { register: register, renderIndex: renderIndex, renderFeature: renderFeature, visible: visible };
+})();
