@@ -389,10 +389,13 @@ class DeadCommand:
 
 
 @dataclass
-class EvalModelConfig(ModelConfig):
+class SAEModelConfig(ModelConfig):
+    """The model section of commands that run SAEs in their model: by default the model the SAEs were trained on."""
+
     model: str = option(
         "",
-        "Model to evaluate the SAEs in (names as for `saelab cache`); empty: the model recorded in the SAEs' metadata.",
+        "Model to run the SAEs in (names as for `saelab cache`); empty: the model recorded in the SAEs' metadata. "
+        "`saelab dashboard` also takes 'none': no logit effects (token strings from the metadata model's tokenizer).",
     )
 
 
@@ -434,7 +437,7 @@ class EvalConfig:
 class EvalCommand:
     """`saelab eval`: reconstruction, sparsity and downstream metrics of SAEs on held-out text."""
 
-    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    model: SAEModelConfig = field(default_factory=SAEModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -488,15 +491,6 @@ class DarkMatterCommand:
 
 
 @dataclass
-class DashboardModelConfig(ModelConfig):
-    model: str = option(
-        "",
-        "Model for logit effects (names as for `saelab cache`); empty: the model in the SAE's metadata; 'none': no "
-        "logit effects (token strings then come from the metadata model's tokenizer).",
-    )
-
-
-@dataclass
 class DashboardConfig:
     sae: str = option("", "SAE folder to build the dashboard for (saelab or SAELens format).")
     cache: str = option("runs/cache", "Activation cache holding the SAE's hook; examples come from its tokens.")
@@ -512,5 +506,5 @@ class DashboardConfig:
 class DashboardCommand:
     """`saelab dashboard`: a static, offline feature-dashboard site for one SAE."""
 
-    model: DashboardModelConfig = field(default_factory=DashboardModelConfig)
+    model: SAEModelConfig = field(default_factory=SAEModelConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
