@@ -207,16 +207,24 @@ def variants_table(args) -> None:
         )
 
 
-def crossover_table(args) -> None:
-    """Sparse vs dense backward for TopK as k / n grows: where the dense matmuls start to win. The trainer's
-    automatic fallback (saelab.sae.base.DENSE_CROSSOVER) is switched off so the sparse path runs at every density."""
+DENSITIES = (0.002, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3)
+
+
+def sparse_at_every_density(args) -> tuple[torch.dtype, torch.Tensor]:
+    """Switch off the automatic dense fallback (saelab.sae.base.DENSE_CROSSOVER), so that the sparse path runs at
+    every density; returns the dtype and the batch."""
     saelab.sae.base.DENSE_CROSSOVER = 1.0
     dtype = DTYPES[args.dtype]
-    x = batch_for(args, dtype)
+    return dtype, batch_for(args, dtype)
+
+
+def crossover_table(args) -> None:
+    """Sparse vs dense backward for TopK as k / n grows: where the dense matmuls start to win."""
+    dtype, x = sparse_at_every_density(args)
     print(f"\nn={args.n} d_in={args.d} batch={args.batch} {args.dtype}: TopK step, sparse kernels vs dense backward\n")
     print("| k | density k/n | sparse (s) | dense (s) | dense / sparse |")
     print("|---|---|---|---|---|")
-    for density in (0.002, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3):
+    for density in DENSITIES:
         sized = argparse.Namespace(**{**vars(args), "k": max(1, round(density * args.n))})
         steps = {sparse: saelab_step(sized, dtype, "topk", sparse) for sparse in (True, False)}
         seconds = interleaved(steps, x, args.rounds)
@@ -244,14 +252,12 @@ def relu_inference(args, dtype, density: float, backend: str):
 
 def inference_table(args) -> None:
     """Inference for a dense-activation variant (ReLU-L1): the code is converted to CSR and decoded sparsely
-    unless it is denser than DENSE_CROSSOVER. Switched off here so both paths run at every density."""
-    saelab.sae.base.DENSE_CROSSOVER = 1.0
-    dtype = DTYPES[args.dtype]
-    x = batch_for(args, dtype)
+    unless it is denser than DENSE_CROSSOVER (switched off here, so that both paths run at every density)."""
+    dtype, x = sparse_at_every_density(args)
     print(f"\nn={args.n} d_in={args.d} batch={args.batch} {args.dtype}: ReLU-L1 sae(x), CSR decode vs dense\n")
     print("| density | L0 | CSR (s) | dense (s) | dense / CSR |")
     print("|---|---|---|---|---|")
-    for density in (0.002, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3):
+    for density in DENSITIES:
         steps = {backend: relu_inference(args, dtype, density, backend) for backend in ("eager", "dense")}
         seconds = interleaved(steps, x, args.rounds)
         print(
