@@ -214,8 +214,7 @@ def _squared_norm(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reconstruct(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Raw activations x [N, d_in] -> (reconstruction x_hat [N, d_in] in float64, number of nonzero latents)."""
-    code, _, stats = sae.encode_code(x)
-    x_hat = sae.denormalize(sae.decode_code(code), stats)
+    x_hat, code = sae.reconstruct(x)
     return x_hat.to(torch.float64), int(code.active().sum())
 
 

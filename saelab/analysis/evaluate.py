@@ -75,11 +75,7 @@ class EvalTarget(NamedTuple):
 def sae_reconstruction(sae: SAE) -> Reconstruction:
     """x [n, d_in] -> (sae's raw-space reconstruction [n, d_in], its SparseCode over [n, d_sae])."""
 
-    def reconstruct(x: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
-        code, _, stats = sae.encode_code(x.to(sae.W_enc))
-        return sae.denormalize(sae.decode_code(code), stats), code
-
-    return reconstruct
+    return lambda x: sae.reconstruct(x.to(sae.W_enc))
 
 
 def _batches(contexts: Iterable[torch.Tensor], batch_contexts: int) -> Iterable[torch.Tensor]:
@@ -119,11 +115,11 @@ def _broadcast(mean: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
 
 
 def _spliced_losses(
-    model, tokens: torch.Tensor, hook: str, replace: Callable, keep: torch.Tensor, clean_logits: torch.Tensor
+    model, tokens: torch.Tensor, hook: str, replace: Callable, keep: torch.Tensor, clean_log_probs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(next-token CE [batch, pos-1], KL(clean || spliced) [batch, pos-1]) with `hook` replaced where `keep`."""
     logits = run_logits(model, tokens, hook, replace=replace, keep=keep)
-    return next_token_losses(logits, tokens), kl_divergence(clean_logits, logits)[:, :-1]
+    return next_token_losses(logits, tokens), kl_divergence(clean_log_probs, logits)[:, :-1]
 
 
 def evaluate_targets(
@@ -167,14 +163,15 @@ def evaluate_targets(
             if downstream:
                 clean_logits, acts[hooks[0]] = run_logits(model, tokens, hooks[0], capture=True)
                 ce_clean = next_token_losses(clean_logits, tokens)
+                clean_log_probs = clean_logits.log_softmax(-1)
             if source is not None:
                 acts.update(source.harvest(tokens)[0])
             for hook in hooks:
                 x = acts[hook][keep.to(acts[hook].device)].float()  # [n_kept, d]
                 if downstream:
-                    ce_zero, kl_zero = _spliced_losses(model, tokens, hook, torch.zeros_like, keep, clean_logits)
+                    ce_zero, kl_zero = _spliced_losses(model, tokens, hook, torch.zeros_like, keep, clean_log_probs)
                     ce_mean, kl_mean = _spliced_losses(
-                        model, tokens, hook, functools.partial(_broadcast, ablation_means[hook]), keep, clean_logits
+                        model, tokens, hook, functools.partial(_broadcast, ablation_means[hook]), keep, clean_log_probs
                     )
                 for i, target in enumerate(targets):
                     if target.hook != hook:
@@ -190,7 +187,7 @@ def evaluate_targets(
                         sparsity[i].update(code)
                     if downstream:
                         ce_sae, kl_sae = _spliced_losses(
-                            model, tokens, hook, functools.partial(_put, keep=keep, rows=x_hat), keep, clean_logits
+                            model, tokens, hook, functools.partial(_put, keep=keep, rows=x_hat), keep, clean_log_probs
                         )
                         spliced[i].update(ce_clean, ce_sae, ce_zero, ce_mean, kl_sae, kl_zero, kl_mean, keep[:, :-1])
             n_contexts += tokens.shape[0]

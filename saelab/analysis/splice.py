@@ -8,7 +8,7 @@ The forward pass runs to the logits; everything here is inference (no grad).
     clean = run_logits(model, tokens, hook, capture=True)           # (logits, act) of the unmodified model
     spliced = run_logits(model, tokens, hook, replace=lambda a: sae(a), keep=keep)
     ce = next_token_losses(spliced, tokens)                          # [batch, pos - 1]
-    kl = kl_divergence(clean_logits, spliced)                        # [batch, pos]
+    kl = kl_divergence(clean_logits.log_softmax(-1), spliced)        # [batch, pos]
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def next_token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
-def kl_divergence(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p_clean || p_other) per position: [batch, pos, vocab] x2 -> [batch, pos] (nats)."""
-    clean = clean_logits.log_softmax(-1)
+def kl_divergence(clean_log_probs: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_clean || p_other) per position: clean_logits.log_softmax(-1) (computed once, shared by every other run)
+    and other logits, both [batch, pos, vocab] -> [batch, pos] (nats)."""
     other = other_logits.log_softmax(-1)
-    return (clean.exp() * (clean - other)).sum(-1)
+    return (clean_log_probs.exp() * (clean_log_probs - other)).sum(-1)

@@ -240,10 +240,15 @@ class SAE(nn.Module):
         code, _, _ = self.encode_code(x)
         return code.dense().reshape(*x.shape[:-1], self.d_sae)
 
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
+        """Raw activations [..., d_in] -> (raw reconstruction [batch, d_in] with the leading dims flattened, the
+        SparseCode over [batch, d_sae] it was decoded from)."""
+        code, _, stats = self.encode_code(x)
+        return self.denormalize(self.decode_code(code), stats), code
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations [..., d_in] -> raw reconstruction [..., d_in] (inference; sparse decode)."""
-        code, _, stats = self.encode_code(x)
-        return self.denormalize(self.decode_code(code), stats).reshape(x.shape)
+        return self.reconstruct(x)[0].reshape(x.shape)
 
     # -- training ----------------------------------------------------------------------------------
     def reconstruction_loss(self, x_n: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
