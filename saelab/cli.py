@@ -13,6 +13,7 @@ from saelab.config import (
     DeadCommand,
     EvalCommand,
     ModelConfig,
+    SteerCommand,
     TrainCommand,
     add_arguments,
     from_args,
@@ -78,6 +79,12 @@ def _dashboard(args: argparse.Namespace) -> None:
 
     index = build_dashboard(from_args(DashboardCommand, args), progress=not args.quiet)
     print(f"dashboard: {index} (open it in a browser; it works offline, from disk)")
+
+
+def _steer(args: argparse.Namespace) -> None:
+    from saelab.steering import run_steer
+
+    print(run_steer(from_args(SteerCommand, args)))
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -182,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
         "index of all latents to sort and filter, and per-latent pages with top and quantile examples highlighted "
         "token by token, activation histograms, logit effects, decoder-cosine neighbours and (hook_z) attention-head "
         "attribution. Open index.html in a browser.",
+    )
+
+    _command(
+        commands,
+        "steer",
+        SteerCommand,
+        _steer,
+        help="Complete a prompt with and without steering by SAE latents (add, clamp or project out).",
+        description="Generate completions of --prompt from the SAE's model, first clean, then with the latents' "
+        "decoder directions added (--mode add), the latents clamped in the SAE basis keeping the SAE error (clamp) "
+        "or the component along them rescaled (project), for each --alpha; also prints the next-token loss on "
+        "--reference with and without steering. The Python API (saelab.steering) does more: several "
+        "interventions, sweeps, feature lookup.",
     )
 
     info = commands.add_parser("info", help="Summarise an activation cache.", description="Summarise a cache folder.")

@@ -508,3 +508,36 @@ class DashboardCommand:
 
     model: SAEModelConfig = field(default_factory=SAEModelConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+
+
+# --- steering ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SteerConfig:
+    sae: str = option("", "SAE folder whose latents steer the model (saelab or SAELens format).")
+    feature: list[int] = option([], "Latent id(s) to steer with, e.g. 1234, or 1234 87 (all at once).")
+    alpha: list[float] = option(
+        [8.0],
+        "Strength, in units of the latent's activation: add alpha * d_i (--mode add; negative subtracts), clamp the "
+        "latents to alpha keeping the SAE error (clamp; 0 ablates), or keep alpha times the component along the "
+        "directions (project; 0 removes it). Several values print a sweep table.",
+    )
+    mode: str = option("add", "add, clamp or project.")
+    prompt: str = option("In the beginning", "Prompt to complete (BOS is prepended).")
+    positions: str = option("all", "Where to steer: all, prompt, generated, or a position p (p and later).")
+    max_new_tokens: int = option(32, "Tokens to generate per completion.")
+    temperature: float = option(0.0, "0: greedy decoding; above 0: sampling at this temperature (seeded).")
+    n: int = option(1, "Completions per setting (differ only when sampling).")
+    seed: int = option(0, "Sampling seed (the same for baseline and steered runs).")
+    reference: str = option(
+        "", "Text whose next-token loss is reported with and without steering; empty: the prompt."
+    )
+
+
+@dataclass
+class SteerCommand:
+    """`saelab steer`: complete a prompt with and without steering by SAE latents."""
+
+    model: SAEModelConfig = field(default_factory=SAEModelConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)

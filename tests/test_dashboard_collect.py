@@ -7,15 +7,14 @@ import pytest
 import torch
 
 from saelab.activations import build_cache
+from saelab.analysis.attribution import bias_terms, head_attribution
 from saelab.config import SAEConfig
 from saelab.dashboard import collect
 from saelab.dashboard.collect import (
     DoublingHistogram,
     StreamingTopK,
-    bias_terms,
     collect_dashboard_data,
     decoder_neighbours,
-    head_attribution,
     logit_effects,
 )
 from saelab.errors import SaelabError

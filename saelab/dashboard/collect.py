@@ -31,9 +31,8 @@ Besides the pass:
   Neuronpedia show it). None without a model, for encoders (attention not causal), and for hooks whose width is
   not d_model;
 - neighbours: the other latents with the highest cosine between decoder rows;
-- heads (attn.hook_z SAEs with a model, which gives n_heads): direct feature attribution of the pre-activation by head. With x_n the
-  normalised input, z_i = sum_h x_n[h-block] . W_enc[h-block, i] - b_dec . W_enc[:, i] (if pre_enc_bias) + b_enc[i]
-  (Kissane et al. 2024), and the per-head terms x_n[h-block] . W_enc[h-block, i] are reported (`head_attribution`).
+- heads (attn.hook_z SAEs with a model, which gives n_heads): direct feature attribution of the pre-activation by
+  head (saelab.analysis.attribution.head_attribution; with its bias term the heads sum to the pre-activation).
 
 summary["metrics"] is flat: l0, dead_fraction and dense_fraction over the tokens read, plus eval_<name> for every
 number of the reconstruction, sparsity and downstream sections of the SAE folder's eval.json (when `folder` is given
@@ -57,6 +56,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.activations.cache import ActivationCache
+from saelab.analysis.attribution import head_attribution
 from saelab.analysis.metrics import SparsityStats
 from saelab.errors import SaelabError
 from saelab.sae.base import SAE
@@ -240,25 +240,6 @@ class FiringRecord:
         query = tokens * self.n_slots + slots
         where = torch.searchsorted(keys, query).clamp(max=keys.numel() - 1)
         return torch.where(keys[where] == query, values[where], 0.0)
-
-
-@torch.no_grad()
-def head_attribution(sae: SAE, x: torch.Tensor, latents: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Direct feature attribution by head for hook_z SAEs: raw x [n, n_heads * d_head], latents [n] ->
-    [n, n_heads] terms x_n[h-block] . W_enc[h-block, latent]; with `bias_terms` they sum to the pre-activation."""
-    x_n, _ = sae.normalize(x.to(sae.W_enc))
-    columns = sae.W_enc.T[latents]  # [n, d_in]
-    return (x_n * columns).view(len(latents), n_heads, -1).sum(-1)
-
-
-@torch.no_grad()
-def bias_terms(sae: SAE, latents: torch.Tensor) -> torch.Tensor:
-    """[n] the part of latent's pre-activation that no head carries: b_enc - b_dec . W_enc[:, latent] (if the SAE
-    subtracts b_dec before encoding)."""
-    terms = sae.b_enc[latents].clone()
-    if sae.cfg.pre_enc_bias:
-        terms -= sae.b_dec @ sae.W_enc[:, latents]
-    return terms
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ from saelab.sae.geometric_median import geometric_median
 
 INPUT_NORMS = ("none", "constant", "layernorm")
 MSE_REDUCTIONS = ("sum", "mean")
-_LAYERNORM_EPS = 1e-5
+LAYERNORM_EPS = 1e-5
 
 
 class StepContext(NamedTuple):
@@ -179,7 +179,7 @@ class SAE(nn.Module):
         if self.cfg.input_norm == "layernorm":  # OpenAI's and SAELens' convention, so their SAEs load exactly
             mean = x.mean(dim=-1, keepdim=True)
             std = x.std(dim=-1, keepdim=True)
-            return (x - mean) / (std + _LAYERNORM_EPS), (mean, std)
+            return (x - mean) / (std + LAYERNORM_EPS), (mean, std)
         return x * self.input_scale, None
 
     def denormalize(self, x_hat: torch.Tensor, stats: Any) -> torch.Tensor:
