@@ -229,3 +229,22 @@ def test_bad_input_gets_clear_errors(tiny_model):
     wrong = make_sae(hook="blocks.9.hook_resid_pre")
     with pytest.raises(SaelabError, match="Unknown hook"), steer(tiny_model, wrong, Add(1, 1.0)):
         pass
+
+
+def test_steer_command_prints_baseline_and_steered(tmp_path, capsys, tiny_model):
+    from saelab.cli import main
+    from saelab.sae.io import save_sae
+
+    folder = save_sae(make_sae(), tmp_path / "sae")
+    argv = ["steer", "--sae", str(folder), "--feature", "3", "--prompt", PROMPT, "--max-new-tokens", "3"]
+    assert main([*argv, "--alpha", "0", "30"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    baseline = lines[1].removeprefix("baseline: ")
+    assert lines[2] == f"alpha 0: {baseline}" and "change +0.000" in lines[3]  # alpha 0 changes nothing
+    expected = generate(tiny_model, PROMPT, make_sae(), [Add(3, 30.0)], max_new_tokens=3)[0]  # the same model
+    assert lines[4] == f"alpha 30: {expected!r}"
+    assert main([*argv, "--mode", "clamp", "--alpha", "-2"]) == 0
+    assert "alpha -2: " in capsys.readouterr().out
+    assert main([*argv, "--feature", "96"]) == 2
+    assert "out of range" in capsys.readouterr().err
+
