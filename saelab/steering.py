@@ -192,7 +192,10 @@ def steer(
     keep: torch.Tensor | None = None,
     prompt_length: int | None = None,
 ) -> Iterator[Steering]:
-    """Every forward pass of `model` inside the block is steered (hooks removed on exit, also on errors)."""
+    """Every forward pass of `model` inside the block is steered (hooks removed on exit, also on errors).
+
+    Positions count within each forward pass: under TransformerLens' `model.generate` with its KV cache, every
+    step after the first sees only the new token (position 0), so use positions="all" there, or `generate` here."""
     steering = Steering(sae, interventions, keep=keep, prompt_length=prompt_length)
     resolve_hooks(model, [steering.hook])
     with model.hooks(fwd_hooks=[(steering.hook, steering)]):
