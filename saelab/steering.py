@@ -167,16 +167,20 @@ class Steering:
 
     def edit(self, h: torch.Tensor) -> torch.Tensor:
         """h [batch, pos, d_in] -> steered [batch, pos, d_in]."""
-        batch, n_positions, _ = h.shape
-        out = h.to(self.sae.W_dec.dtype).clone()
-        with torch.no_grad():
-            for intervention in self.interventions:
-                mask = position_mask(intervention.positions, n_positions, self.prompt_length).to(h.device)
-                mask = mask.expand(batch, -1)
-                if self.keep is not None:
-                    mask = mask & self.keep.to(h.device)
-                if mask.any():
-                    out[mask] = intervention.apply(self.sae, out[mask])
+        batch, n_positions, width = h.shape
+        if width != self.sae.d_in:
+            raise SaelabError(
+                f"The SAE reads {self.sae.d_in}-wide activations but {self.hook} gives {width}: it was trained on "
+                "another model. Load the model the SAE records (sae.metadata['model'])."
+            )
+        out = h.to(self.sae.W_dec.dtype).clone()  # differentiable: gradients flow through the interventions
+        for intervention in self.interventions:
+            mask = position_mask(intervention.positions, n_positions, self.prompt_length).to(h.device)
+            mask = mask.expand(batch, -1)
+            if self.keep is not None:
+                mask = mask & self.keep.to(h.device)
+            if mask.any():
+                out[mask] = intervention.apply(self.sae, out[mask])
         return out.to(h.dtype)
 
     def __call__(self, act: torch.Tensor, hook: Any = None) -> torch.Tensor:

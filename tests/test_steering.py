@@ -114,7 +114,7 @@ def test_small_alpha_changes_the_logit_by_the_gradient(model64):
         alpha = 1e-5
         with steer(model64, sae, Add(feature, alpha), keep=keep[None]):  # float64 logits (steered_logits: fp32)
             change = (model64(tokens, return_type="logits") - logits.detach())[0, -1, target]
-        assert float(change) / alpha == pytest.approx(predicted, rel=1e-4, abs=1e-8)
+        assert float(change.detach()) / alpha == pytest.approx(predicted, rel=1e-4, abs=1e-8)
         assert abs(predicted) > 1e-3  # a real effect, not 0 == 0
 
 
@@ -226,6 +226,8 @@ def test_bad_input_gets_clear_errors(tiny_model):
         Add([1, 2, 3], alpha=[1.0, 2.0]).apply(sae, torch.randn(2, 64))
     with pytest.raises(SaelabError, match="not an intervention"):
         Steering(sae, ["add 5"])
+    with pytest.raises(SaelabError, match="another model"):
+        steered_logits(tiny_model, tiny_model.to_tokens(PROMPT), make_sae(d_in=32), [Add(1, 1.0)])
     wrong = make_sae(hook="blocks.9.hook_resid_pre")
     with pytest.raises(SaelabError, match="Unknown hook"), steer(tiny_model, wrong, Add(1, 1.0)):
         pass
