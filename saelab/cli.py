@@ -33,9 +33,11 @@ def _train(args: argparse.Namespace) -> None:
     from saelab.train.trainer import train
 
     config = from_args(TrainCommand, args)
-    for folder in train(config, progress=not args.quiet):
+    folders = train(config, progress=not args.quiet)  # none on the other ranks of a torchrun job
+    for folder in folders:
         print(f"saved SAE: {folder}")
-    print(f"metrics: {config.train.out}/metrics.jsonl, curves: {config.train.out}/training_curves.html")
+    if folders:
+        print(f"metrics: {config.train.out}/metrics.jsonl, curves: {config.train.out}/training_curves.html")
 
 
 def _dead(args: argparse.Namespace) -> None:

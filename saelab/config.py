@@ -270,6 +270,17 @@ class TrainConfig:
         "above, e.g. 'k=16' 'k=64' 'architecture=jumprelu'. Empty trains one SAE per hook.",
     )
     wandb: bool = option(False, "Also log to Weights & Biases (set WANDB_MODE=offline to log locally).")
+    distributed: bool = option(
+        False,
+        "Data-parallel training over the processes torchrun started (NCCL on CUDA, gloo on CPU): --batch-size stays "
+        "the global batch, each rank trains on an equal slice of it, gradients, dead-latent counts and metrics are "
+        "all-reduced, rank 0 writes. Implied when torchrun starts more than one process; needs torchrun.",
+    )
+    distribute_modules: bool = option(
+        False,
+        "Under torchrun, split the runs (hooks x sweep entries) over the ranks instead: each rank trains its runs on "
+        "the full global batch, as a single process would, and writes their checkpoints and SAEs.",
+    )
 
 
 @dataclass

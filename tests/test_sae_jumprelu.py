@@ -104,7 +104,7 @@ def test_step_l0_term_gives_encoder_zero_gradient_and_threshold_the_ste_gradient
     torch.testing.assert_close(sae.log_threshold.grad, expected)
     # The reconstruction term does reach the encoder.
     sae.zero_grad()
-    sae.reconstruction_loss(x, sae.decode(sae.activate(sae.encode_pre(x), StepContext()))).backward()
+    sae.reconstruction_loss(x, sae.decode(sae.activate(sae.encode_pre(x), StepContext())), StepContext()).backward()
     assert sae.W_enc.grad.abs().sum() > 0
 
 

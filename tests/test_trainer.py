@@ -170,8 +170,8 @@ def test_latent_history_holds_every_latents_firings_between_log_steps(tmp_path, 
     per_step = []  # [d_sae] per step, recounted from the dense code
     train_step = trainer_module.train_step
 
-    def recording_step(sae, optimizer, x_n, ctx, grad_clip=0.0):
-        out = train_step(sae, optimizer, x_n, ctx, grad_clip)
+    def recording_step(sae, optimizer, x_n, ctx, grad_clip=0.0, replica=None):
+        out = train_step(sae, optimizer, x_n, ctx, grad_clip, replica)
         per_step.append((out.code.dense() != 0).sum(dim=0))
         return out
 

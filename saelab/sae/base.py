@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any, ClassVar, NamedTuple
 
@@ -52,12 +53,16 @@ class StepContext(NamedTuple):
     grads:          [batch, d_in] d(LM loss)/d(x) in the SAE's normalised space (g-SAE), or None
     sparse_kernels: sparse-code variants use saelab.kernels' sparse backward where it wins (False: always
                     the dense backward, the reference the sparse path is tested against)
+    batch_variance: target [batch, d] -> the sum of ||t - mean||^2 that batch-normalised losses (the top-k
+                    family's normalised MSE) divide by; None: the batch's own. Data-parallel training passes
+                    this rank's share of the global batch's (saelab.train.distributed.global_variance).
     """
 
     sparsity_scale: float = 1.0
     dead: torch.Tensor | None = None
     grads: torch.Tensor | None = None
     sparse_kernels: bool = True
+    batch_variance: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class LossOutput(NamedTuple):
@@ -251,7 +256,7 @@ class SAE(nn.Module):
         return self.reconstruct(x)[0].reshape(x.shape)
 
     # -- training ----------------------------------------------------------------------------------
-    def reconstruction_loss(self, x_n: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    def reconstruction_loss(self, x_n: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Squared error summed (or averaged, per --mse-reduction) over d_in, averaged over tokens."""
         squared = (x_hat - x_n).pow(2)
         return squared.sum(-1).mean() if self.cfg.mse_reduction == "sum" else squared.mean()
@@ -275,13 +280,13 @@ class SAE(nn.Module):
             layout = self.training_selection(encoder, ctx)
             code = SparseCode(layout, self.values_at(encoder.at(layout), layout, ctx))
             x_hat = encoder.decode(code) + self.b_dec
-            terms = {"mse": self.reconstruction_loss(x_n, x_hat)}
+            terms = {"mse": self.reconstruction_loss(x_n, x_hat, ctx)}
             terms.update(self.code_losses(encoder, x_n, code, x_hat, ctx))
         else:
             z = self.encode_pre(x_n)
             a = self.activate(z, ctx)
             x_hat = self.decode(a)
-            terms = {"mse": self.reconstruction_loss(x_n, x_hat)}
+            terms = {"mse": self.reconstruction_loss(x_n, x_hat, ctx)}
             terms.update(self.sparsity_loss(x_n, z, a, x_hat, ctx))
             code = SparseCode.from_dense(a)
         loss = sum(terms.values())

@@ -12,6 +12,8 @@ coefficient (aux_coef) is relative to a normalised main loss, as in the OpenAI a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from saelab.errors import SaelabError
@@ -19,9 +21,15 @@ from saelab.kernels import SparseCode, SparseLayout
 from saelab.sae.base import SAE, EncoderPass, StepContext
 
 
-def normalized_mse(target: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
-    """sum ||target - estimate||^2 / sum ||target - mean(target)||^2 over a batch [batch, d]."""
-    variance = (target - target.mean(dim=0)).pow(2).sum()
+def normalized_mse(
+    target: torch.Tensor, estimate: torch.Tensor, batch_variance: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """sum ||target - estimate||^2 / sum ||target - mean(target)||^2 over a batch [batch, d] (the denominator from
+    batch_variance(target) when given: StepContext.batch_variance)."""
+    if batch_variance is None:
+        variance = (target - target.mean(dim=0)).pow(2).sum()
+    else:
+        variance = batch_variance(target)
     return (target - estimate).pow(2).sum() / variance.clamp_min(1e-12)
 
 
@@ -67,15 +75,16 @@ class TopKSAE(SAE):
     def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
         return z_at.relu()
 
-    def reconstruction_loss(self, x_n: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        return normalized_mse(x_n, x_hat)
+    def reconstruction_loss(self, x_n: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return normalized_mse(x_n, x_hat, ctx.batch_variance)
 
     def aux_scores(self, z: torch.Tensor) -> torch.Tensor:
         """[batch, d_sae] scores AuxK ranks the dead latents by (z; AbsTopK: |z|)."""
         return z
 
     def auxk_loss(
-        self, encoder: EncoderPass, x_n: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor | None
+        self, encoder: EncoderPass, x_n: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor | None,
+        batch_variance: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """AuxK: the `dead` latents' top-k_aux entries (by aux_scores, values as the main code) reconstruct the
         detached residual e = x_n - x_hat: ||e - e_hat||^2 / ||e - mean(e)||^2; 0 if none of them is dead."""
@@ -86,7 +95,7 @@ class TopKSAE(SAE):
         residual = (x_n - x_hat).detach()
         layout = topk_layout(self.aux_scores(encoder.z).masked_fill(~dead, float("-inf")), k_aux)
         aux_code = SparseCode(layout, self.values_at(encoder.at(layout), layout, None))
-        return normalized_mse(residual, encoder.decode(aux_code)).nan_to_num(0.0)
+        return normalized_mse(residual, encoder.decode(aux_code), batch_variance).nan_to_num(0.0)
 
     def code_losses(self, encoder, x_n, code, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
-        return {"auxk": self.option("aux").aux_coef * self.auxk_loss(encoder, x_n, x_hat, ctx.dead)}
+        return {"auxk": self.option("aux").aux_coef * self.auxk_loss(encoder, x_n, x_hat, ctx.dead, ctx.batch_variance)}

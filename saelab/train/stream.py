@@ -4,6 +4,11 @@ Both are reproducible from the step number, so a resumed run sees exactly the ba
 would have seen. From a cache: epoch e is the cache's shuffled order for (seed, e); resuming skips whole
 batches without reading them. Live: contexts -> harvest -> shuffle buffer, repeated over the corpus;
 resuming replays the harvest (no SAE work) up to the checkpoint, so prefer a cache for long runs.
+
+Data-parallel training reads `part=(rank, ranks)`: from a cache, rank r's batches are the r-th of `ranks` equal
+slices of each global batch (together exactly the tokens a single process's batch holds; each rank reads only its
+slice); live, rank r harvests every ranks-th context and fills its own buffer with batch_size / ranks tokens.
+`sample` is the same full sample on every rank, so initialisation and resampling agree.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ LIVE = "none"
 class CacheStream:
     """Batches of `batch_size` tokens from an ActivationCache, epoch after epoch."""
 
-    def __init__(self, cache: ActivationCache, hooks: list[str], batch_size: int, seed: int, grads: bool):
+    def __init__(self, cache: ActivationCache, hooks: list[str], batch_size: int, seed: int, grads: bool,
+                 part: tuple[int, int] = (0, 1)):
         self.cache, self.hooks, self.batch_size, self.seed, self.grads = cache, hooks, batch_size, seed, grads
+        self.part = part
         for hook in hooks:
             cache.require(hook)
         if grads and not cache.has_grads:
@@ -54,22 +61,30 @@ class CacheStream:
         index = torch.randperm(self.cache.n_tokens, generator=generator)[: min(n, self.cache.n_tokens)]
         return self.cache.read(index.sort().values, hooks=self.hooks, grads=self.grads)
 
+    def keep_hooks(self, hooks: list[str]) -> None:
+        """Read only these hooks from now on."""
+        self.hooks = hooks
+
     def batches(self, start_step: int = 0) -> Iterator[ActivationBatch]:
-        """Endless [batch_size]-token batches from step `start_step` on (earlier batches are skipped unread)."""
+        """Endless [batch_size / ranks]-token batches (this rank's part) from step `start_step` on (earlier
+        batches are skipped unread)."""
         epoch, offset = divmod(start_step, self.steps_per_epoch)
+        rank, ranks = self.part
         while True:
-            yield from self.cache.batches(
-                self.batch_size, hooks=self.hooks, grads=self.grads, seed=self.seed, epoch=epoch,
-                drop_last=True, start=offset,
-            )
+            # The epoch's order cut into slices of batch_size / ranks: global batch s is slices s*ranks ... s*ranks +
+            # ranks - 1, the same tokens as the single-process batch s; rank r takes slice s*ranks + r.
+            yield from itertools.islice(self.cache.batches(
+                self.batch_size // ranks, hooks=self.hooks, grads=self.grads, seed=self.seed, epoch=epoch,
+                drop_last=True, rank=rank, world_size=ranks, start=offset * ranks,
+            ), self.steps_per_epoch - offset)
             epoch, offset = epoch + 1, 0
 
 
 class LiveStream:
     """Batches harvested on the fly: contexts -> ActivationSource -> ShuffleBuffer, cycling over the corpus."""
 
-    def __init__(self, cmd: TrainCommand, model, hooks: list[str], grads: bool):
-        self.cmd, self.model = cmd, model
+    def __init__(self, cmd: TrainCommand, model, hooks: list[str], grads: bool, part: tuple[int, int] = (0, 1)):
+        self.cmd, self.model, self.part = cmd, model, part
         self.source = ActivationSource(model, hooks, with_grads=grads, include_special=cmd.harvest.include_special)
         self.dims = dict(self.source.dims)
         self.description = f"live harvest from {cmd.model.model} over '{cmd.data.corpus}'"
@@ -85,25 +100,39 @@ class LiveStream:
         contexts = itertools.islice(self._contexts(first_cycle=draw), -(-n // self.cmd.data.context_length))
         return ActivationBatch.cat(list(self.source.stream(contexts, self.cmd.harvest.batch_contexts)))
 
+    def keep_hooks(self, hooks: list[str]) -> None:
+        """Nothing to save: one forward pass computes every hook."""
+
     def batches(self, start_step: int = 0) -> Iterator[ActivationBatch]:
-        """Endless batches from step `start_step` on (earlier ones are harvested and dropped)."""
+        """Endless batches (this rank's part) from step `start_step` on (earlier ones are harvested and dropped)."""
         train = self.cmd.train
-        harvested = self.source.stream(self._contexts(), self.cmd.harvest.batch_contexts)
-        buffer = ShuffleBuffer(harvested, train.buffer_tokens, train.batch_size, seed=self.cmd.data.seed, drop_last=True)
+        rank, ranks = self.part
+        contexts = self._contexts() if ranks == 1 else itertools.islice(self._contexts(), rank, None, ranks)
+        harvested = self.source.stream(contexts, self.cmd.harvest.batch_contexts)
+        buffer = ShuffleBuffer(harvested, train.buffer_tokens // ranks, train.batch_size // ranks,
+                               seed=self.cmd.data.seed, drop_last=True)
         return itertools.islice(iter(buffer), start_step, None)
 
 
-def open_stream(cmd: TrainCommand, hooks: list[str], grads: bool, model=None, progress: bool = True):
-    """The configured batch stream; builds (or finishes building) the cache first when it is incomplete."""
+def open_stream(cmd: TrainCommand, hooks: list[str], grads: bool, model=None, progress: bool = True,
+                part: tuple[int, int] = (0, 1), processes: int = 1):
+    """The configured batch stream (this rank's `part` of it); builds (or finishes building) the cache first when
+    it is incomplete, unless the job runs `processes` > 1 (build it with `saelab cache` first)."""
     train = cmd.train
     if train.cache == LIVE:
         if model is None:
             from saelab.models import load_model
 
             model = load_model(cmd.model.model, device=cmd.model.device, dtype=cmd.model.model_dtype)
-        return LiveStream(cmd, model, hooks, grads)
+        return LiveStream(cmd, model, hooks, grads, part)
     folder = Path(train.cache)
     if not (folder / MANIFEST).is_file() or not read_manifest(folder)["complete"]:
+        if processes > 1:
+            raise SaelabError(
+                f"No finished activation cache in {folder}. A multi-process run does not build one (every rank "
+                "would write the same folder): build it first with `saelab cache --out ...` (one process, with the "
+                "same --model/--corpus/--hooks), or train from --cache none."
+            )
         build = CacheCommand(
             model=cmd.model,
             data=cmd.data,
@@ -111,4 +140,4 @@ def open_stream(cmd: TrainCommand, hooks: list[str], grads: bool, model=None, pr
             cache=CacheConfig(out=str(folder), n_tokens=train.cache_tokens),
         )
         build_cache(build, model=model, progress=progress)
-    return CacheStream(ActivationCache(folder, progress=progress), hooks, train.batch_size, cmd.data.seed, grads)
+    return CacheStream(ActivationCache(folder, progress=progress), hooks, train.batch_size, cmd.data.seed, grads, part)

@@ -11,11 +11,18 @@ uninterrupted run. Metrics go to `metrics.jsonl` (and wandb if asked); at the en
 to `<out>/<run name>/` with `sae.safetensors` + `cfg.json`, and `training_curves.html` plots the logs. Beside
 each SAE, `latent_history.safetensors` holds how often every latent fired between log steps, its final tokens
 since last firing and the resampling events (`LatentRecorder`; read by saelab.analysis.dead).
+
+Under torchrun (saelab.train.distributed): data parallel keeps this layout, written by rank 0 alone (the
+checkpoint is the single-process one, so either kind of run resumes the other). With --distribute-modules each
+rank r writes `checkpoint.rank<r>.pt` and `metrics.rank<r>.jsonl` for its runs and saves their SAEs; at the end
+rank 0 merges the metrics into `metrics.jsonl` (the lines a single process would write) and plots them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import io
 import json
 import math
@@ -36,6 +43,7 @@ from saelab.errors import SaelabError
 from saelab.sae.base import SAE, StepContext
 from saelab.sae.io import save_sae
 from saelab.sae.registry import create_sae, sae_class
+from saelab.train.distributed import DATA, MODULES, Replica, World, assign_runs, launch, shutdown
 from saelab.train.history import LATENT_HISTORY, LatentRecorder
 from saelab.train.resample import resample_dead_latents
 from saelab.train.step import train_step
@@ -45,8 +53,9 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 _PER_RUN_TRAIN_OPTIONS = ("lr", "adam_beta1", "adam_beta2", "grad_clip", "lr_warmup_steps", "lr_decay_fraction")
 # Options that do not change what is computed (device only up to float rounding); a resumed run may differ in these.
+# A data-parallel checkpoint is the single-process one (rank 0's), so --distributed is free too.
 _RESUME_FREE = {("train", "resume"), ("train", "log_every"), ("train", "checkpoint_every"), ("train", "wandb"),
-                ("model", "device")}
+                ("model", "device"), ("train", "distributed")}
 
 
 @dataclass
@@ -129,12 +138,15 @@ def learning_rate(base: float, step: int, total: int, warmup: int, decay_fractio
 class Run:
     """One SAE in training: the model, its Adam, and how many tokens each latent has gone without firing."""
 
-    def __init__(self, spec: RunSpec, d_in: int, metadata: dict, seed: int):
+    def __init__(self, spec: RunSpec, d_in: int, metadata: dict, seed: int, device: torch.device | None = None):
         self.spec = spec
         options = {name: spec.sections[name] for name in SAE_SECTIONS if name != "sae"}
         with torch.random.fork_rng():  # the init is a function of --seed alone (same for every sweep entry)
             torch.manual_seed(seed)
             self.sae: SAE = create_sae(d_in, spec.sections["sae"], options, {"hook": spec.hook, **metadata})
+        if device is not None:
+            self.sae.to(device)
+        self.replica: Replica | None = None  # data-parallel training: set by the Trainer once the SAE is initialised
         self.lr = spec.train.lr or self.sae.default_learning_rate()
         self.optimizer = torch.optim.Adam(  # fused: one pass over each parameter's memory (measured in bench_step.py)
             self.sae.parameters(), lr=self.lr, betas=(spec.train.adam_beta1, spec.train.adam_beta2), fused=True
@@ -159,11 +171,12 @@ class Run:
         lr = learning_rate(self.lr, step, total, train.lr_warmup_steps, train.lr_decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x = batch.acts[self.spec.hook].float()
+        device = self.sae.W_dec.device
+        x = batch.acts[self.spec.hook].to(device).float()  # data parallel: this rank's slice of the batch
         x_n, stats = self.sae.normalize(x)
         grads = None
         if self.needs_grads and batch.grads is not None:
-            g = batch.grads[self.spec.hook].float()
+            g = batch.grads[self.spec.hook].to(device).float()
             # chain rule through x_n = c x (constant) or (x - mu) / sigma (layer norm, first order): g_n = g / c or g * sigma
             grads = g * stats[1] if self.sae.cfg.input_norm == "layernorm" else g / self.sae.input_scale
         warmup = self.sae.sparsity_warmup_fraction() * total
@@ -172,27 +185,37 @@ class Run:
             dead=self.since_fired >= self.dead_tokens,
             grads=grads,
         )
-        out = train_step(self.sae, self.optimizer, x_n, ctx, train.grad_clip)
+        out = train_step(self.sae, self.optimizer, x_n, ctx, train.grad_clip, self.replica)
         if not torch.isfinite(out.loss):
             raise _NonFinite(self.spec.name, step)
         with torch.no_grad():
             firing_counts = out.code.firing_counts()
-            self.since_fired += len(x)
+            tokens = len(x)
+            if self.replica is not None:  # every rank counts the global batch, so all agree on what is dead
+                firing_counts = self.replica.sum_(firing_counts)
+                tokens *= self.replica.size
+            self.since_fired += tokens
             self.since_fired[firing_counts > 0] = 0
             self.history.add(firing_counts)
             if not log:
                 return None
             self.history.log_step((step + 1) * train.batch_size, last=step == total - 1)
             x_hat = self.sae.denormalize(out.x_hat, stats)
-            fvu = (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
-            return {
+            if self.replica is None:
+                fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12))
+            else:
+                fvu = self.replica.fvu(x, x_hat)
+            metrics = {
                 "loss": float(out.loss),
                 **{k: float(v) for k, v in out.terms.items()},
-                "fvu": float(fvu),
+                "fvu": fvu,
                 "l0": out.code.l0(),
                 "dead_fraction": float((self.since_fired >= self.dead_tokens).float().mean()),
                 "lr": lr,
             }
+            if self.replica is not None:  # per-rank means over equal slices: their mean is the global batch's
+                metrics.update(self.replica.mean({k: metrics[k] for k in ("loss", *out.terms, "l0")}))
+            return metrics
 
     def resample_due(self, steps_done: int) -> bool:
         """Neuron resampling (2023 ReLU form) is due after this many steps."""
@@ -241,47 +264,82 @@ def _resume_identity(cmd: TrainCommand) -> dict[str, Any]:
 
 
 class Trainer:
-    """Trains every planned run from one stream. `fit()` returns the folders of the saved SAEs."""
+    """Trains every planned run from one stream. `fit()` returns the folders of the saved SAEs.
 
-    def __init__(self, cmd: TrainCommand, model=None, progress: bool = True):
-        self.cmd, self.progress = cmd, progress
+    `world` (saelab.train.distributed.launch) is this process's place in a torchrun job; by default the only one.
+    """
+
+    def __init__(self, cmd: TrainCommand, model=None, progress: bool = True, world: World | None = None):
+        self.world = world = world or World()
+        if world.device.type == "cuda":  # a live harvest runs on this rank's GPU too
+            cmd = dataclasses.replace(cmd, model=dataclasses.replace(cmd.model, device=str(world.device)))
+        self.cmd, self.progress = cmd, progress and world.main
         self.out = Path(cmd.train.out)
-        self.specs = plan_runs(cmd)
+        specs = plan_runs(cmd)
         self.total_steps = cmd.train.train_tokens // cmd.train.batch_size
         if self.total_steps < 1:
             raise SaelabError(f"--train-tokens ({cmd.train.train_tokens}) is less than one batch ({cmd.train.batch_size}).")
-        checkpoint = self.out / CHECKPOINT
-        if checkpoint.exists() and not cmd.train.resume:
+        if world.mode == DATA and cmd.train.batch_size % world.size:
+            raise SaelabError(
+                f"--batch-size {cmd.train.batch_size} (the global batch) does not split into {world.size} equal slices, "
+                f"one per process; use a multiple of {world.size}."
+            )
+        if world.mode == MODULES and len(specs) < world.size:
+            raise SaelabError(
+                f"--distribute-modules shares {len(specs)} run(s) (hooks x sweep entries) among {world.size} processes; "
+                f"start at most {len(specs)} (torchrun --nproc_per_node), or use --distributed to split batches instead."
+            )
+        # Files this rank writes: all of them on rank 0; with --distribute-modules, each rank those of its runs.
+        self.writes = world.main or world.mode == MODULES
+        split = world.mode == MODULES
+        self.checkpoint = self.out / (f"checkpoint.rank{world.rank}.pt" if split else CHECKPOINT)
+        self.metrics = self.out / (f"metrics.rank{world.rank}.jsonl" if split else METRICS)
+        if any(self.out.glob("checkpoint*.pt")) and not cmd.train.resume:
             raise SaelabError(
                 f"{self.out} already holds a training checkpoint. Pass --resume to continue it, or choose another --out."
             )
-        if cmd.train.resume and not checkpoint.exists():
-            raise SaelabError(f"Nothing to resume: {checkpoint} does not exist. Drop --resume to start a new run.")
-        need_grads = any(spec.sections["sae"].architecture == "gsae" for spec in self.specs)
-        hooks = list(dict.fromkeys(spec.hook for spec in self.specs))
-        self.stream = open_stream(cmd, hooks, need_grads, model=model, progress=progress)
+        if cmd.train.resume and not self.checkpoint.exists():
+            raise SaelabError(f"Nothing to resume: {self.checkpoint} does not exist. Drop --resume to start a new run.")
+        world.barrier()  # no rank writes a checkpoint before every rank has looked for one
+        need_grads = any(spec.sections["sae"].architecture == "gsae" for spec in specs)
+        hooks = list(dict.fromkeys(spec.hook for spec in specs))
+        part = (world.rank, world.size) if world.mode == DATA else (0, 1)
+        self.stream = open_stream(cmd, hooks, need_grads, model=model, progress=self.progress, part=part,
+                                  processes=world.size)
+        self.all_specs = specs
+        if split:
+            sizes = [(s.sections["sae"].d_sae or s.sections["sae"].expansion * self.stream.dims[s.hook])
+                     * self.stream.dims[s.hook] for s in specs]
+            specs = [spec for spec, rank in zip(specs, assign_runs(sizes, world.size)) if rank == world.rank]
+            self.stream.keep_hooks(list(dict.fromkeys(spec.hook for spec in specs)))
+        self.specs = specs
         metadata = {"model": cmd.model.model, "source": self.stream.description, **self.stream.provenance}
-        self.runs = [Run(spec, self.stream.dims[spec.hook], metadata, cmd.data.seed) for spec in self.specs]
+        self.runs = [Run(spec, self.stream.dims[spec.hook], metadata, cmd.data.seed, world.device) for spec in specs]
         self.start_step = 0
         self.resample_events: list[tuple[str, int, int]] = []  # (run, after step, latents resampled)
         if cmd.train.resume:
-            self._load_checkpoint(checkpoint)
+            self._load_checkpoint(self.checkpoint)
         else:
             sample = self.stream.sample(cmd.train.init_tokens)
             for run in self.runs:
                 run.initialize(sample)
+        if world.mode == DATA:
+            for run in self.runs:
+                run.replica = Replica(run.sae, world)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _save_checkpoint(self, step: int) -> None:
+        if not self.writes:
+            return
         buffer = io.BytesIO()
         torch.save({"step": step, "identity": _resume_identity(self.cmd), "rng": torch.get_rng_state(),
                     "runs": {run.spec.name: run.state() for run in self.runs}}, buffer)
         self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.out / CHECKPOINT, buffer.getvalue())
+        write_atomic(self.checkpoint, buffer.getvalue())
 
     def _load_checkpoint(self, path: Path) -> None:
         try:
-            state = torch.load(path, weights_only=False)
+            state = torch.load(path, weights_only=False, map_location=self.world.device)
         except Exception as exc:  # torch raises several types for a truncated or foreign file
             raise SaelabError(f"{path} is not a readable saelab checkpoint ({exc}). Start a new --out.") from exc
         if state["identity"] != _resume_identity(self.cmd):
@@ -292,42 +350,48 @@ class Trainer:
                 f"The checkpoint in {self.out} comes from another config ({'; '.join(diffs)}). "
                 "Resume with the same options, or choose another --out."
             )
+        if set(state["runs"]) != {run.spec.name for run in self.runs}:
+            raise SaelabError(
+                f"{path} holds the runs {sorted(state['runs'])}, but this process now trains "
+                f"{sorted(run.spec.name for run in self.runs)}. Resume with as many processes as the run was started with."
+            )
         for run in self.runs:
             run.load_state(state["runs"][run.spec.name])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
         self.start_step = state["step"]
-        metrics = self.out / METRICS
-        if metrics.exists():  # drop lines logged after the checkpoint, as an uninterrupted run never wrote them
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] < self.start_step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+        if self.writes and self.metrics.exists():  # drop lines logged after the checkpoint, as an uninterrupted run never wrote them
+            kept = [line for line in self.metrics.read_text().splitlines() if json.loads(line)["step"] < self.start_step]
+            self.metrics.write_text("".join(line + "\n" for line in kept))
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> list[Path]:
-        """Train to --train-tokens (from the checkpoint when resuming); returns the saved SAE folders."""
+        """Train to --train-tokens (from the checkpoint when resuming); returns the saved SAE folders (on rank 0
+        of a torchrun job those of every run, on the other ranks none)."""
         train = self.cmd.train
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(to_dict(self.cmd), indent=2))
-        wandb_run = _start_wandb(self.cmd, self.out) if train.wandb else None
+        if self.world.main:
+            (self.out / "config.json").write_text(json.dumps(to_dict(self.cmd), indent=2))
+        wandb_run = _start_wandb(self.cmd, self.out) if train.wandb and self.world.main else None
         step = self.start_step
         bar = tqdm(total=self.total_steps, initial=step, unit="step", desc=f"training {len(self.runs)} SAE(s)",
                    disable=not self.progress)
         started = time.time()
         try:
-            with bar, open(self.out / METRICS, "a") as log:
+            with bar, (open(self.metrics, "a") if self.writes else contextlib.nullcontext()) as log:
                 for batch in self.stream.batches(self.start_step):
                     if step >= self.total_steps:
                         break
                     is_log_step = step % train.log_every == 0 or step == self.total_steps - 1
                     for run in self.runs:
                         metrics = run.step(batch, step, self.total_steps, is_log_step)
-                        if metrics is not None:
+                        if metrics is not None and log is not None:
                             record = {"step": step, "tokens": (step + 1) * train.batch_size, "run": run.spec.name,
                                       "seconds": round(time.time() - started, 2), **metrics}
                             log.write(json.dumps(record) + "\n")
                             if wandb_run is not None:
                                 wandb_run.log({f"{run.spec.name}/{k}": v for k, v in record.items()}, step=step)
                             bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
-                    if is_log_step:
+                    if is_log_step and log is not None:
                         log.flush()  # so `tail -f metrics.jsonl` shows progress
                     step += 1
                     bar.update(1)
@@ -335,14 +399,15 @@ class Trainer:
                         if run.resample_due(step):
                             count = run.resample(self.stream.sample(train.init_tokens, draw=step), step)
                             self.resample_events.append((run.spec.name, step, count))
-                            bar.write(f"{run.spec.name}: resampled {count} dead latents after step {step}")
+                            if self.writes:
+                                bar.write(f"{run.spec.name}: resampled {count} dead latents after step {step}")
                     if step % train.checkpoint_every == 0:
                         self._save_checkpoint(step)
         except _NonFinite as exc:
             self._save_checkpoint(exc.step)
             raise SaelabError(
                 f"The loss of run {exc.run} became NaN/Inf at step {exc.step}; training stopped and a checkpoint of "
-                f"the last good state is in {self.out / CHECKPOINT}. Lower --lr (or check the activations), then "
+                f"the last good state is in {self.checkpoint}. Lower --lr (or check the activations), then "
                 "start again; --resume would continue with the same settings."
             ) from exc
         except KeyboardInterrupt:
@@ -355,7 +420,7 @@ class Trainer:
 
     def _finish(self, step: int) -> list[Path]:
         folders = []
-        for run in self.runs:
+        for run in self.runs if self.writes else []:
             run.sae.metadata.update(trained_tokens=step * self.cmd.train.batch_size, run=run.spec.name,
                                     sweep=run.spec.overrides)
             folder = save_sae(run.sae, self.out / run.spec.name)
@@ -363,8 +428,24 @@ class Trainer:
                     "batch_size": self.cmd.train.batch_size, "log_every": self.cmd.train.log_every}
             write_atomic(folder / LATENT_HISTORY, run.history.to_bytes(run.since_fired, info))
             folders.append(folder)
+        if self.world.mode == MODULES:
+            self.world.barrier()  # every rank has saved its SAEs and closed its metrics file
+            if not self.world.main:
+                return []
+            self._merge_metrics()
+            folders = [self.out / spec.name for spec in self.all_specs]
+        if not self.world.main:
+            return []
         write_training_curves(self.out / METRICS, self.out / "training_curves.html")
         return folders
+
+    def _merge_metrics(self) -> None:
+        """metrics.rank<r>.jsonl files -> metrics.jsonl, ordered by step and then as plan_runs orders the runs."""
+        order = {spec.name: i for i, spec in enumerate(self.all_specs)}
+        lines = [line for rank in range(self.world.size) if (self.out / f"metrics.rank{rank}.jsonl").exists()
+                 for line in (self.out / f"metrics.rank{rank}.jsonl").read_text().splitlines()]
+        lines.sort(key=lambda line: (json.loads(line)["step"], order[json.loads(line)["run"]]))
+        write_atomic(self.out / METRICS, "".join(line + "\n" for line in lines).encode())
 
 
 def _start_wandb(cmd: TrainCommand, out: Path):
@@ -393,8 +474,13 @@ def write_training_curves(metrics: Path, html: Path) -> None:
 
 
 def train(cmd: TrainCommand, model=None, progress: bool = True) -> list[Path]:
-    """Train every run of `cmd`; returns the saved SAE folders."""
-    return Trainer(cmd, model=model, progress=progress).fit()
+    """Train every run of `cmd`; returns the saved SAE folders. Under torchrun this process joins the job
+    (saelab.train.distributed) and trains its part; only rank 0 returns folders."""
+    world = launch(cmd.train, cmd.model.device)
+    try:
+        return Trainer(cmd, model=model, progress=progress, world=world).fit()
+    finally:
+        shutdown(world)
 
 
 __all__ = ["Run", "RunSpec", "Trainer", "learning_rate", "plan_runs", "train",
