@@ -164,6 +164,7 @@ class Steering:
             bad = [f for f in _as_list(intervention.features) if not 0 <= f < sae.d_sae]
             if bad:
                 raise SaelabError(f"Feature(s) {bad} out of range: this SAE has latents 0..{sae.d_sae - 1}.")
+            position_mask(intervention.positions, 1, None)  # an unknown positions name fails here, not mid-forward
 
     def edit(self, h: torch.Tensor) -> torch.Tensor:
         """h [batch, pos, d_in] -> steered [batch, pos, d_in]."""

@@ -224,6 +224,8 @@ def test_bad_input_gets_clear_errors(tiny_model):
         Clamp(1)
     with pytest.raises(SaelabError, match="one per feature"):
         Add([1, 2, 3], alpha=[1.0, 2.0]).apply(sae, torch.randn(2, 64))
+    with pytest.raises(SaelabError, match="positions='middle'"):
+        Steering(sae, [Add(1, 1.0, positions="middle")])
     with pytest.raises(SaelabError, match="not an intervention"):
         Steering(sae, ["add 5"])
     with pytest.raises(SaelabError, match="another model"):
