@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 from saelab.activations.hooks import per_token, resolve_hooks
+from saelab.activations.source import ActivationSource
 from saelab.analysis.splice import next_token_losses, run_logits, splice_keep_mask
 from saelab.config import SteerCommand
 from saelab.errors import SaelabError
@@ -319,8 +320,9 @@ class FeatureActivations(NamedTuple):
 def feature_activations(model, sae: SAE, prompt: str | torch.Tensor) -> FeatureActivations:
     """The SAE's code at every position of `prompt` (a string, BOS prepended, or token ids [pos])."""
     tokens = to_tokens(model, prompt)[:1]
-    _, act = run_logits(model, tokens, sae_hook(sae), capture=True)
-    code = sae.encode(act[0].to(sae.W_dec))
+    hook = sae_hook(sae)
+    acts, _ = ActivationSource(model, [hook]).harvest(tokens)  # stops the forward once the hook has fired
+    code = sae.encode(acts[hook][0].to(sae.W_dec))
     code[~splice_keep_mask(model, tokens)[0].to(code.device)] = 0
     return FeatureActivations([model.tokenizer.decode([t]) for t in tokens[0].tolist()], code.cpu())
 
