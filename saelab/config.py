@@ -209,7 +209,15 @@ class SAEConfig:
     )
     expansion: int = option(16, "d_sae = expansion x d_in, unless --d-sae is given.")
     d_sae: int = option(0, "Number of latents; 0 means expansion x d_in.")
-    k: int = option(32, "Active latents per token for the top-k family (topk, batchtopk, abstopk, gsae, choice).")
+    target_l0: float = option(
+        32.0,
+        "Active latents per token that every architecture trains toward: the top-k family's k; for relu, jumprelu, "
+        "threshold and topafa the target of a controller on their sparsity coefficient (when that is left at 0).",
+    )
+    k: int = option(0, "Top-k family (topk, batchtopk, abstopk, gsae, choice): active latents per token; 0 means --target-l0.")
+    l0_control_rate: float = option(
+        0.05, "Step of the log sparsity coefficient per training step at the largest L0 error (controller variants)."
+    )
     pre_enc_bias: bool = option(True, "Subtract b_dec from the input before encoding (SAELens apply_b_dec_to_input).")
     input_norm: str = option(
         "constant",
@@ -285,8 +293,8 @@ class TrainConfig:
 
 @dataclass
 class L1Config:
-    l1_coef: float = option(5.0, "L1 sparsity coefficient (relu). 5 suits the 2024 form with constant input scaling.")
-    l1_warmup_fraction: float = option(0.05, "Warm the sparsity coefficient up linearly over this fraction of steps.")
+    l1_coef: float = option(0.0, "L1 sparsity coefficient (relu); 0: adapted to reach --target-l0.")
+    l1_warmup_fraction: float = option(0.05, "Warm a given --l1-coef up linearly over this fraction of steps.")
     decoder_norm: str = option(
         "weighted", "relu decoder: weighted (2024: L1 of a_i*||d_i||, free decoder) or unit (2023: unit-norm rows)."
     )
@@ -298,14 +306,20 @@ class L1Config:
 
 @dataclass
 class JumpReLUConfig:
-    l0_coef: float = option(1.0, "JumpReLU sparsity coefficient (sweep it to reach the L0 you want).")
-    theta_init: float = option(0.001, "Initial threshold.")
-    bandwidth: float = option(0.001, "Straight-through estimator bandwidth epsilon (match it to the input scale).")
-    sparsity_mode: str = option("step", "step (L0 via the STE), tanh (Anthropic 2025) or target (toward --target-l0).")
+    l0_coef: float = option(
+        1.0, "JumpReLU sparsity coefficient, in units of d_in / --target-l0 (an average active latent's share of ||x||^2)."
+    )
+    threshold_scale: float = option(
+        0.0, "Factor on every threshold; 0: adapted each step so that the L0 reaches --target-l0 (1 once saved)."
+    )
+    theta_init: float = option(0.0, "Initial threshold; 0: each latent's quantile that gives --target-l0 at the start.")
+    bandwidth: float = option(0.05, "Straight-through estimator bandwidth epsilon, in units of z (match it to the input scale).")
+    sparsity_mode: str = option(
+        "step", "step (L0 via the STE), tanh (Anthropic 2025) or target (lambda * (L0 / --target-l0 - 1)^2)."
+    )
     tanh_c: float = option(4.0, "tanh mode: sum_i tanh(c * a_i * ||d_i||).")
     preact_coef: float = option(3e-6, "tanh mode: pre-activation loss on latents below threshold.")
-    target_l0: float = option(0.0, "target mode: the L0 to steer toward.")
-    jumprelu_warmup_fraction: float = option(0.1, "Warm the sparsity coefficient up over this fraction of steps.")
+    jumprelu_warmup_fraction: float = option(0.1, "Warm a given --l0-coef up over this fraction of steps.")
 
 
 @dataclass
@@ -328,12 +342,15 @@ class ChoiceConfig:
 @dataclass
 class AFAConfig:
     afa_coef: float = option(1 / 16, "top-AFA: weight of mean (||a|| - ||x||)^2.")
+    afa_norm_scale: float = option(
+        0.0, "top-AFA: k* matches the code norm to this times ||x - b_dec||; 0: adapted so the mean k* is --target-l0."
+    )
 
 
 @dataclass
 class ThresholdConfig:
     threshold_family: str = option("soft", "Thresholding operator: soft, hard, half, lq or cel0.")
-    threshold_lambda: float = option(0.1, "Penalty weight lambda of the operator.")
+    threshold_lambda: float = option(0.0, "Penalty weight lambda of the operator; 0: adapted to reach --target-l0.")
     threshold_gamma: float = option(0.01, "Step gamma (t = lambda * gamma); CEL0 needs gamma * ||d_i||^2 < 1.")
     threshold_q: float = option(0.5, "Exponent q of the lq family (0 < q < 1).")
 
@@ -436,6 +453,20 @@ class EvalConfig:
         "Leave positions below this unspliced and uncounted. SmolLM2's first token after BOS has ~2.7x the norm of "
         "the rest and dominates the variance, so FVU at 0 is far lower than at 16 (0.07 vs 0.19 for a TopK SAE).",
     )
+    outlier_norm: float = option(
+        3.0,
+        "Leave tokens whose activation norm ||x|| exceeds this multiple of the median norm (median over the hook's "
+        "first 2048 evaluated tokens, then fixed) out of the headline FVU, MSE, normalised MSE, cos and shrinkage; "
+        "the JSON reports them under reconstruction.outliers (count, fraction, their own metrics) and every token "
+        "under reconstruction.all_tokens. They stay spliced downstream and counted in L0. 0: keep every token.",
+    )
+    bootstrap_resamples: int = option(
+        1000,
+        "Resamples of the evaluation contexts (with replacement) for each metric's bootstrap interval, the 2.5th to "
+        "97.5th percentile of the resampled metric (<metric>_ci in the JSON, its half-width as +- in the table). "
+        "0: no intervals.",
+    )
+    bootstrap_seed: int = option(0, "Seed of the bootstrap resampling.")
     downstream: bool = option(
         True, "Splice reconstructions into the model for CE loss recovered and KL (--no-downstream: no extra forwards)."
     )

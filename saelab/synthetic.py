@@ -69,3 +69,39 @@ def fit_planted(sae, data: PlantedDictionary, steps: int, lr: float = 3e-3, batc
     finally:
         torch.set_num_threads(threads)
     return sae
+
+
+def train_planted(sae, data: PlantedDictionary, steps: int, batch: int = 1024, dead_tokens: int = 20_000, grads=None):
+    """Train `sae` on fresh planted batches as `saelab train` would, from the variant's defaults: constant input
+    scale fitted on a sample, the variant's data-dependent init, its default learning rate with the trainer's
+    schedule (20 warmup steps, linear decay over the last 20%), gradient clipping at 1, dead latents (for AuxK)
+    after `dead_tokens` tokens without firing. grads: optional callable x [batch, d] -> d(loss)/dx for g-SAE.
+    Returns the SAE. Runs single-threaded (thousands of tiny matmuls)."""
+    import math
+
+    from saelab.sae.base import StepContext
+    from saelab.train.step import train_step
+    from saelab.train.trainer import learning_rate
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sample = data.sample(16_384)
+        if sae.cfg.input_norm == "constant":
+            sae.input_scale.fill_(math.sqrt(sae.d_in) / sample.norm(dim=1).mean())
+        sae.initialize_from_data(sae.normalize(sample)[0])
+        base_lr = sae.default_learning_rate()
+        optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr)
+        since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(base_lr, step, steps, 20, 0.2)
+            x = data.sample(batch)
+            x_n, _ = sae.normalize(x)
+            g = None if grads is None else grads(x) / sae.input_scale
+            out = train_step(sae, optimizer, x_n, StepContext(dead=since_fired >= dead_tokens, grads=g), 1.0)
+            since_fired += batch
+            since_fired[out.code.firing_counts() > 0] = 0
+    finally:
+        torch.set_num_threads(threads)
+    return sae

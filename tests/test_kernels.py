@@ -152,7 +152,7 @@ VARIANTS = [
     ("choice", {"choice": ChoiceConfig(choice_mode="feature")}),
     ("topafa", {"afa": AFAConfig(afa_coef=0.5)}),
     ("jumprelu", {"jumprelu": JumpReLUConfig(theta_init=0.3, bandwidth=0.2, l0_coef=0.1)}),
-    ("jumprelu", {"jumprelu": JumpReLUConfig(theta_init=0.3, bandwidth=0.2, sparsity_mode="target", target_l0=3)}),
+    ("jumprelu", {"jumprelu": JumpReLUConfig(theta_init=0.3, bandwidth=0.2, sparsity_mode="target")}),
 ]
 
 
@@ -227,7 +227,7 @@ def test_jumprelu_sparse_step_equals_the_dense_formula(mode):
     a = z * H(z - theta), L0 = mean_B sum_i H(z - theta) over every entry (STE pseudo-derivatives)."""
     from saelab.sae.jumprelu import jumprelu, step
 
-    options = {"jumprelu": JumpReLUConfig(theta_init=0.3, bandwidth=0.2, l0_coef=0.1, sparsity_mode=mode, target_l0=3)}
+    options = {"jumprelu": JumpReLUConfig(theta_init=0.3, bandwidth=0.2, l0_coef=0.1, sparsity_mode=mode)}
     sae = make_sae("jumprelu", options)
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(9))
     ctx = StepContext(sparsity_scale=0.5)
@@ -239,8 +239,9 @@ def test_jumprelu_sparse_step_equals_the_dense_formula(mode):
     z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     a = jumprelu(z, sae.threshold, 0.2)
     l0 = step(z.detach(), sae.threshold, 0.2).sum(dim=1).mean()
-    penalty = (l0 / 3 - 1).pow(2) if mode == "target" else l0
-    loss = (a @ sae.W_dec + sae.b_dec - x).pow(2).mean() + 0.1 * 0.5 * penalty
+    penalty = (l0 / sae.cfg.target_l0 - 1).pow(2) if mode == "target" else l0
+    lam = 0.1 / sae.cfg.target_l0  # l0_coef * 1 / target_l0 under mean reduction
+    loss = (a @ sae.W_dec + sae.b_dec - x).pow(2).mean() + lam * 0.5 * penalty
     loss.backward()
     torch.testing.assert_close(out.loss, loss)
     for got, p in zip(sparse_grads, sae.parameters()):

@@ -1,5 +1,6 @@
 """JumpReLU SAE (algorithms.md §4): STE density estimates, exact forward, loss modes, folding, save/load, recovery."""
 
+import dataclasses
 import math
 
 import pytest
@@ -24,7 +25,8 @@ def phi(t: float) -> float:
 
 def make(d_in=8, d_sae=24, seed=0, sae_kw=None, **opts):
     torch.manual_seed(seed)
-    cfg = SAEConfig(architecture="jumprelu", d_sae=d_sae, **(sae_kw or {}))
+    # target_l0 = d_in: lambda = l0_coef * d_in / target_l0 is then l0_coef itself
+    cfg = SAEConfig(architecture="jumprelu", d_sae=d_sae, **{"target_l0": d_in, **(sae_kw or {})})
     return JumpReLUSAE(d_in, cfg, {"jumprelu": JumpReLUConfig(**opts)})
 
 
@@ -109,7 +111,7 @@ def test_step_l0_term_gives_encoder_zero_gradient_and_threshold_the_ste_gradient
 
 
 def test_target_mode():
-    sae = perturb(make(sparsity_mode="target", target_l0=3.0, l0_coef=2.0, bandwidth=0.2))
+    sae = perturb(make(sparsity_mode="target", l0_coef=2.0 * 3.0 / 8, bandwidth=0.2, sae_kw={"target_l0": 3.0}))
     x = torch.randn(256, 8)
     z = sae.encode_pre(x)
     terms = sparse_code_terms(sae, x, StepContext())
@@ -156,7 +158,7 @@ def test_init_and_defaults():
     assert isinstance(sae.log_threshold, torch.nn.Parameter)
     assert any(p is sae.log_threshold for p in sae.parameters())
     assert sae.unit_norm_decoder and sae.decoder_norm_foldable
-    assert sae.default_learning_rate() == pytest.approx(7e-5)
+    assert sae.default_learning_rate() == pytest.approx(2e-4 * (1024 / 2**14) ** -0.5)
     assert sae.sparsity_warmup_fraction() == pytest.approx(0.2)
     # He-uniform rows before normalising: entries are uniform on [-b, b], so max|w| / mean|w| ~ 2 per row,
     # where Gaussian rows of 64 entries average ~3.3.
@@ -199,7 +201,8 @@ def test_thresholds_survive_save_load(tmp_path, monkeypatch):
     x = torch.randn(64, 8)
     loaded = load_sae(save_sae(sae, tmp_path / "jr"))
     assert isinstance(loaded, JumpReLUSAE)
-    assert loaded.option("jumprelu") == sae.option("jumprelu")
+    # the threshold scale (1 here: the controller never stepped) is folded into the thresholds when saving
+    assert loaded.option("jumprelu") == dataclasses.replace(sae.option("jumprelu"), threshold_scale=1.0)
     torch.testing.assert_close(loaded.threshold, sae.threshold, rtol=1e-6, atol=0)
     assert not torch.allclose(loaded.threshold, torch.full((24,), 0.02))  # the trained, not the initial, value
     torch.testing.assert_close(loaded(x), sae(x), atol=1e-5, rtol=1e-5)
@@ -211,9 +214,8 @@ def test_thresholds_survive_save_load(tmp_path, monkeypatch):
         ({"sparsity_mode": "l1"}, "--sparsity-mode"),
         ({"l0_coef": -1.0}, "--l0-coef"),
         ({"preact_coef": -1.0}, "--preact-coef"),
-        ({"theta_init": 0.0}, "--theta-init"),
+        ({"theta_init": -1.0}, "--theta-init"),
         ({"bandwidth": -0.1}, "--bandwidth"),
-        ({"sparsity_mode": "target", "target_l0": 0.0}, "--target-l0"),
         ({"jumprelu_warmup_fraction": 2.0}, "--jumprelu-warmup-fraction"),
     ],
 )
@@ -223,11 +225,11 @@ def test_bad_options_raise_saelab_error(options, message):
 
 
 def test_planted_dictionary_recovery(one_thread):
-    """step mode, lambda = 0.03, theta0 = 0.1, eps = 0.05 (inputs have E||x||^2 ~ 1), Adam lr 2e-3, 2000 steps."""
+    """Hand-set (no controller): step mode, lambda = 0.03, theta0 = 0.1, eps = 0.05 (inputs have E||x||^2 ~ 1), Adam lr 2e-3, 2000 steps."""
     data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
     torch.manual_seed(1)  # SAE init differs from the data seed
     cfg = SAEConfig(architecture="jumprelu", d_sae=192, input_norm="none")
-    sae = JumpReLUSAE(32, cfg, {"jumprelu": JumpReLUConfig(l0_coef=0.03, theta_init=0.1, bandwidth=0.05)})
+    sae = JumpReLUSAE(32, cfg, {"jumprelu": JumpReLUConfig(l0_coef=0.03, theta_init=0.1, bandwidth=0.05, threshold_scale=1.0)})
     assert mmcs(sae.W_dec, data.dictionary) < 0.6
     opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
     steps = 2000

@@ -157,9 +157,10 @@ def test_bad_options_raise_saelab_error(options, message):
 
 
 def test_defaults_learning_rate_and_warmup():
-    sae = make(d_in=64, d_sae=16 * 64, l1_warmup_fraction=0.07)
-    assert sae.default_learning_rate() == pytest.approx(5e-5)
-    assert sae.sparsity_warmup_fraction() == pytest.approx(0.07)
+    sae = make(d_in=64, d_sae=16 * 64, l1_coef=5.0, l1_warmup_fraction=0.07)
+    assert sae.default_learning_rate() == pytest.approx(2e-4 * (1024 / 2**14) ** -0.5)
+    assert sae.sparsity_warmup_fraction() == pytest.approx(0.07)  # a given coefficient is ramped in
+    assert make(l1_warmup_fraction=0.07).sparsity_warmup_fraction() == 0  # the L0 controller needs no ramp
     assert ReLUSAE.architecture == "relu" and ReLUSAE.sections == ("l1",)
 
 

@@ -16,9 +16,10 @@ from saelab.sae.topk import normalized_mse
 from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
 
 
-def _sae(d_in=16, d_sae=16, afa_coef=1 / 16, aux_coef=1 / 32, **sae_kw) -> TopAFASAE:
+def _sae(d_in=16, d_sae=16, afa_coef=1 / 16, aux_coef=1 / 32, norm_scale=1.0, **sae_kw) -> TopAFASAE:
+    """norm_scale 1: the paper's norm matching, no L0 controller (these tests check the published method)."""
     cfg = SAEConfig(architecture="topafa", d_sae=d_sae, input_norm="none", **sae_kw)
-    return TopAFASAE(d_in, cfg, {"afa": AFAConfig(afa_coef=afa_coef), "aux": AuxConfig(aux_coef=aux_coef)})
+    return TopAFASAE(d_in, cfg, {"afa": AFAConfig(afa_coef=afa_coef, afa_norm_scale=norm_scale), "aux": AuxConfig(aux_coef=aux_coef)})
 
 
 def _orthonormal_sae(d_in: int, d_sae: int, seed: int = 0) -> TopAFASAE:

@@ -39,6 +39,7 @@ from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout, decode, encode_at
 from saelab.kernels.backend import requested_backend
 from saelab.sae.geometric_median import geometric_median
+from saelab.sae.sparsity import L0Controller
 
 INPUT_NORMS = ("none", "constant", "layernorm")
 MSE_REDUCTIONS = ("sum", "mean")
@@ -129,6 +130,10 @@ class SAE(nn.Module):
     signed: ClassVar[bool] = False  # codes may be negative (AbsTopK): statistics count a != 0
     default_lr: ClassVar[float] = 2e-4  # scaled by (d_sae / 2**14) ** -0.5 when --lr is 0
     sparse_code: ClassVar[bool] = False  # the variant implements select / values_at / code_losses
+    # (section, option) of the one coefficient that sets this variant's L0, adapted by an L0Controller toward
+    # --target-l0 while the option is 0 (saelab.sae.sparsity); None: the variant fixes its L0 itself (top-k family).
+    sparsity_coefficient: ClassVar[tuple[str, str] | None] = None
+    sparsity_sign: ClassVar[int] = 1  # +1: a larger coefficient gives a sparser code; -1: a denser one
 
     def __init__(self, d_in: int, cfg: SAEConfig, options: dict[str, Any] | None = None, metadata: dict | None = None):
         super().__init__()
@@ -139,7 +144,9 @@ class SAE(nn.Module):
         d_sae = cfg.d_sae or cfg.expansion * d_in
         if d_in <= 0 or d_sae <= 0:
             raise SaelabError(f"SAE sizes must be positive (d_in={d_in}, d_sae={d_sae}).")
-        self.cfg = dataclasses.replace(cfg, d_sae=d_sae)
+        if not cfg.target_l0 > 0:
+            raise SaelabError(f"--target-l0 must be > 0 (got {cfg.target_l0}): the active latents per token to train toward.")
+        self.cfg = dataclasses.replace(cfg, d_sae=d_sae, k=cfg.k or max(1, round(cfg.target_l0)))
         self.d_in, self.d_sae = d_in, d_sae
         options = options or {}
         self.options = {name: options.get(name) or SAE_SECTIONS[name]() for name in self.sections}
@@ -149,6 +156,11 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("input_scale", torch.ones(()))
+        self.l0_controller: L0Controller | None = None
+        if self.sparsity_coefficient is not None and self.fixed_sparsity_coef() == 0:
+            self.l0_controller = L0Controller(
+                cfg.target_l0, self.initial_sparsity_coef(), cfg.l0_control_rate, self.sparsity_sign
+            )
         self.validate()
         self.reset_parameters()
 
@@ -167,6 +179,35 @@ class SAE(nn.Module):
 
     def option(self, section: str) -> Any:
         return self.options[section]
+
+    # -- sparsity target ---------------------------------------------------------------------------
+    def fixed_sparsity_coef(self) -> float:
+        """The sparsity coefficient's option as given (0: adapted toward --target-l0)."""
+        section, name = self.sparsity_coefficient
+        return getattr(self.option(section), name)
+
+    def initial_sparsity_coef(self) -> float:
+        """Where the L0 controller starts its coefficient (variants with a sparsity_coefficient override this)."""
+        return 1.0
+
+    def sparsity_coef(self) -> torch.Tensor | float:
+        """The coefficient in force: the controller's value while it adapts, else the fixed option."""
+        return self.l0_controller.value if self.l0_controller is not None else self.fixed_sparsity_coef()
+
+    @torch.no_grad()
+    def adapt_sparsity(self, code: SparseCode) -> None:
+        """After a training step (no grad): one controller step from the step's code (no-op without a controller)."""
+        if self.l0_controller is not None:
+            self.l0_controller.update(code.l0())
+
+    @torch.no_grad()
+    def freeze_sparsity(self) -> None:
+        """Write the controller's coefficient into its option and drop the controller (saved SAEs hold a fixed
+        coefficient, so they load as they ran)."""
+        if self.l0_controller is not None:
+            section, name = self.sparsity_coefficient
+            self.options[section] = dataclasses.replace(self.option(section), **{name: float(self.l0_controller.value)})
+            self.l0_controller = None
 
     @torch.no_grad()
     def initialize_from_data(self, x_n: torch.Tensor) -> None:
@@ -319,7 +360,9 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def fold(self) -> SAE:
-        """Fold the constant input scale (always exact) and decoder norms (where exact) into the weights."""
+        """Fold the constant input scale (always exact) and decoder norms (where exact) into the weights, and fix
+        the sparsity coefficient at the controller's value (freeze_sparsity)."""
+        self.freeze_sparsity()
         c = self.input_scale.clone()
         if self.cfg.input_norm == "constant" and c != 1:
             self.W_enc *= c

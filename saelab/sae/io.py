@@ -45,7 +45,10 @@ def write_folder_atomic(folder: Path, files: dict[str, bytes]) -> None:
 def save_sae(sae: SAE, folder: str | Path, fold: bool = True) -> Path:
     """Write `sae` (folded copy unless fold=False) to `folder`; returns the folder."""
     folder = Path(folder)
-    saved = copy.deepcopy(sae).fold() if fold else sae
+    saved = copy.deepcopy(sae)
+    saved.freeze_sparsity()
+    if fold:
+        saved.fold()
     config = {"saelab_version": __version__, **saved.config_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / WEIGHTS
@@ -57,11 +60,14 @@ def save_sae(sae: SAE, folder: str | Path, fold: bool = True) -> Path:
 def sae_from_config(config: dict) -> SAE:
     """An (unloaded) SAE built from a cfg.json dict."""
     try:
-        sae_cfg = SAEConfig(**config["sae"])
+        legacy_target = (config.get("jumprelu") or {}).pop("target_l0", 0)  # moved to the sae section
+        sae_cfg = SAEConfig(**{**({"target_l0": legacy_target} if legacy_target else {}), **config["sae"]})
         options = {name: SAE_SECTIONS[name](**config[name]) for name in config if name in SAE_SECTIONS and name != "sae"}
-        return create_sae(config["d_in"], sae_cfg, options, config.get("metadata"))
+        sae = create_sae(config["d_in"], sae_cfg, options, config.get("metadata"))
     except (KeyError, TypeError) as exc:
         raise SaelabError(f"cfg.json is not a saelab SAE config ({exc}).") from exc
+    sae.freeze_sparsity()  # saved SAEs hold a fixed coefficient; files older than the sparsity target lack one
+    return sae
 
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:

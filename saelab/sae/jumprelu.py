@@ -11,17 +11,21 @@ estimate: with the rectangle kernel K(u) = 1[|u| < 1/2] and bandwidth eps,
 Averaged over a batch these estimate d E[a_i]/d theta_i = -theta_i p(theta_i) and d P(z_i > theta_i)/d theta_i
 = -p(theta_i), p the density of z_i. Storing log theta keeps theta > 0; autograd adds the factor theta.
 
-Sparsity (`--sparsity-mode`), lambda = l0_coef * ctx.sparsity_scale:
+Sparsity (`--sparsity-mode`), lambda = l0_price() * ctx.sparsity_scale (l0_coef * d_in / target_l0):
     step:   lambda * mean_B sum_i H(z_i - theta_i)                            (the paper's L0)
     tanh:   lambda * mean_B sum_i tanh(c a_i ||d_i||)                          (Anthropic, January 2025)
             + preact_coef * mean_B sum_i ReLU(theta_i - z_i) ||d_i||          (on dead latents, see below)
     target: lambda * (L0 / target_l0 - 1)^2, L0 = mean_B sum_i H(z_i - theta_i) (dictionary_learning)
 Decoder rows are kept at unit norm (Gemma Scope); folding norms at save time also rescales theta.
 
-Run length: the L0 term reaches only theta, and Adam moves log theta by about lr per step whatever the
-term's scale, so in a run of S steps theta can change by at most a factor of about exp(lr * S). In short runs
-the L0 is therefore set by theta_init, not by l0_coef (measured: l0_coef 1, 5 and 20 give identical SAEs
-after 120 steps at lr 1e-3; BENCHMARKS.md).
+Reaching --target-l0 with no tuning (saelab.sae.sparsity): with --theta-init 0 (the default) each theta_i
+starts at latent i's (1 - target_l0/d_sae) quantile of its initial pre-activations, so the code starts at the
+target; with --l0-coef 0 (the default) lambda is adapted by the L0 controller, which holds it there. The
+L0 term reaches only theta, and Adam moves log theta by about lr per step whatever the term's scale, so in a
+run of S steps theta changes by at most a factor of about exp(lr * S): a threshold started far from the
+target (Gemma Scope's theta_init 0.001) stays dense in short runs whatever lambda is, which is why the start
+matters more than the coefficient. The bandwidth is in the units of z (inputs scaled to E||x|| = sqrt(d_in)
+give z of order 1); Gemma Scope's 0.001 belongs to inputs of unit mean squared norm.
 
 Sparse training (step and target modes): every derivative above vanishes unless z_i > theta_i - eps/2 (the
 entry is active, or theta's pseudo-derivative window covers it), so the code is kept as those entries only
@@ -39,6 +43,7 @@ from torch import nn
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout
 from saelab.sae.base import SAE, EncoderPass, StepContext
+from saelab.sae.sparsity import quantile_thresholds, sample_pre_activations
 
 SPARSITY_MODES = ("step", "tanh", "target")
 
@@ -113,7 +118,7 @@ class JumpReLUSAE(SAE):
     sections = ("jumprelu",)
     unit_norm_decoder = True  # Gemma Scope keeps decoder rows at unit norm
     decoder_norm_foldable = True  # exact: a(s z; s theta) = s a(z; theta) for s > 0, see scale_latents
-    default_lr = 7e-5  # Gemma Scope; not width-scaled, see default_learning_rate
+    sparsity_coefficient = ("jumprelu", "threshold_scale")  # a larger scale: higher thresholds, a sparser code
 
     def _ensure_log_threshold(self) -> None:
         """Create log_threshold [d_sae] on first use: the base __init__ calls reset_parameters before a
@@ -123,8 +128,8 @@ class JumpReLUSAE(SAE):
 
     @property
     def threshold(self) -> torch.Tensor:
-        """theta = exp(log_threshold) [d_sae], always positive."""
-        return self.log_threshold.exp()
+        """theta = s * exp(log_threshold) [d_sae], always positive; s the threshold scale (1 once saved)."""
+        return self.log_threshold.exp() * self.sparsity_coef()
 
     def validate(self) -> None:
         opt = self.option("jumprelu")
@@ -132,13 +137,11 @@ class JumpReLUSAE(SAE):
             raise SaelabError(f"Unknown --sparsity-mode '{opt.sparsity_mode}'; use step, tanh or target.")
         if opt.l0_coef < 0 or opt.preact_coef < 0 or opt.tanh_c < 0:
             raise SaelabError("--l0-coef, --preact-coef and --tanh-c must be >= 0; pass non-negative coefficients.")
-        if opt.theta_init <= 0 or opt.bandwidth <= 0:
+        if opt.theta_init < 0 or opt.bandwidth <= 0:
             raise SaelabError(
-                f"--theta-init and --bandwidth must be > 0 (got {opt.theta_init}, {opt.bandwidth}); "
-                "Gemma Scope uses 0.001 for both with unit mean-squared-norm inputs."
+                f"--theta-init must be >= 0 (0: start at the target L0's quantile) and --bandwidth > 0 "
+                f"(got {opt.theta_init}, {opt.bandwidth})."
             )
-        if opt.sparsity_mode == "target" and opt.target_l0 <= 0:
-            raise SaelabError("--sparsity-mode target needs --target-l0 > 0: set the L0 to steer toward.")
         if not 0 <= opt.jumprelu_warmup_fraction <= 1:
             raise SaelabError(
                 f"--jumprelu-warmup-fraction must be between 0 and 1 (got {opt.jumprelu_warmup_fraction}); "
@@ -147,7 +150,8 @@ class JumpReLUSAE(SAE):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """W_dec [d_sae, d_in] rows He-uniform, U(-b, b) entries, then unit norm (so the bound b drops out);
-        W_enc = W_dec^T; zero biases; log_threshold = log(theta_init) for every latent."""
+        W_enc = W_dec^T; zero biases; log_threshold = log(theta_init) for every latent (theta_init 0: a placeholder
+        until initialize_from_data sets the quantiles)."""
         self._ensure_log_threshold()
         with torch.no_grad():
             bound = math.sqrt(6.0 / self.d_in)
@@ -156,18 +160,27 @@ class JumpReLUSAE(SAE):
             self.W_enc.copy_(self.W_dec.T)
             self.b_enc.zero_()
             self.b_dec.zero_()
-            self.log_threshold.fill_(math.log(self.option("jumprelu").theta_init))
+            self.log_threshold.fill_(math.log(self.option("jumprelu").theta_init or self.option("jumprelu").bandwidth))
 
     @torch.no_grad()
     def initialize_from_data(self, x_n: torch.Tensor) -> None:
-        """Gemma Scope starts b_dec at zero: no data-dependent init (x_n [n, d_in] is ignored)."""
+        """x_n [n, d_in]. b_dec stays zero (Gemma Scope). With --theta-init 0, theta_i = latent i's
+        (1 - target_l0/d_sae) quantile of z on the sample (at least the bandwidth, so theta stays positive)."""
+        opt = self.option("jumprelu")
+        if opt.theta_init == 0:
+            theta = quantile_thresholds(sample_pre_activations(self, x_n), self.cfg.target_l0)
+            self.log_threshold.copy_(theta.clamp_min(opt.bandwidth).log())
+
+    @torch.no_grad()
+    def freeze_sparsity(self) -> None:
+        """Fold the threshold scale into the thresholds (threshold_scale 1 in the saved options)."""
+        if self.l0_controller is not None:
+            self.log_threshold += self.l0_controller.log_value
+            self.l0_controller.log_value.zero_()
+        super().freeze_sparsity()
 
     def sparsity_warmup_fraction(self) -> float:
         return self.option("jumprelu").jumprelu_warmup_fraction
-
-    def default_learning_rate(self) -> float:
-        """7e-5 at any width (Gemma Scope's single learning rate)."""
-        return self.default_lr
 
     def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """z [batch, d_sae] -> a = z * 1[z > theta] (exact forward; STE backward)."""
@@ -191,17 +204,38 @@ class JumpReLUSAE(SAE):
         self, encoder: EncoderPass, x_n: torch.Tensor, code: SparseCode, x_hat: torch.Tensor, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
         """The step / target sparsity term over the code's entries (every other entry contributes 0 and no
-        gradient). z is taken without gradient: dH/dz := 0."""
+        gradient; z is taken without gradient: dH/dz := 0), and the pre-activation term on dead latents."""
         opt = self.option("jumprelu")
         layout = code.layout
         z_at = encoder.z[layout.rows, layout.indices]
         l0 = step(z_at, self.threshold[layout.indices], opt.bandwidth).sum() / max(layout.batch, 1)
-        return {"sparsity": opt.l0_coef * ctx.sparsity_scale * self.l0_penalty(l0)}
+        terms = {"sparsity": self.l0_price() * ctx.sparsity_scale * self.l0_penalty(l0)}
+        if ctx.dead is not None and opt.preact_coef > 0 and bool(ctx.dead.any()):
+            terms["preact"] = opt.preact_coef * self.dead_preact_loss(x_n, ctx.dead)
+        return terms
+
+    def dead_preact_loss(self, x_n: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """mean_B sum_{i dead} ReLU(theta_i - z_i) ||d_i||: x_n [batch, d_in], dead [d_sae] bool. A dead latent has
+        no other gradient (z below theta and outside the STE window), so this alone pulls its z up and its theta
+        down until it fires again; a [batch, n_dead] matmul, cheap while few latents are dead."""
+        columns = dead.nonzero().squeeze(1)
+        x_in = x_n - self.b_dec if self.cfg.pre_enc_bias else x_n
+        z_dead = x_in @ self.W_enc[:, columns] + self.b_enc[columns]
+        gap = (self.threshold[columns] - z_dead).relu() * self.W_dec[columns].norm(dim=1)
+        return gap.sum(dim=-1).mean()
+
+    def l0_price(self) -> float:
+        """lambda = l0_coef * (d_in, or 1 under --mse-reduction mean) / target_l0: l0_coef in units of an average
+        active latent's share of the squared input norm (E||x_n||^2 = d_in after input normalisation), so one
+        value suits every width, d_in and target. Measured on planted dictionaries (d_in 48, L0 3): l0_coef 0.06
+        and 0.6-6 give MMCS 0.94 and 0.97, with 50% and 15% of the latents unused."""
+        scale = self.d_in if self.cfg.mse_reduction == "sum" else 1.0
+        return self.option("jumprelu").l0_coef * scale / self.cfg.target_l0
 
     def l0_penalty(self, l0: torch.Tensor) -> torch.Tensor:
         """The step mode's L0 itself, or the target mode's (L0 / target_l0 - 1)^2."""
         opt = self.option("jumprelu")
-        return (l0 / opt.target_l0 - 1).pow(2) if opt.sparsity_mode == "target" else l0
+        return (l0 / self.cfg.target_l0 - 1).pow(2) if opt.sparsity_mode == "target" else l0
 
     def sparsity_loss(
         self, x_n: torch.Tensor, z: torch.Tensor, a: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext
@@ -219,7 +253,7 @@ class JumpReLUSAE(SAE):
         gap = (self.threshold - z).relu() * norms  # [batch, d_sae]
         if ctx.dead is not None:
             gap = gap * ctx.dead.to(gap.dtype)
-        return {"sparsity": opt.l0_coef * ctx.sparsity_scale * tanh_term, "preact": opt.preact_coef * gap.sum(dim=-1).mean()}
+        return {"sparsity": self.l0_price() * ctx.sparsity_scale * tanh_term, "preact": opt.preact_coef * gap.sum(dim=-1).mean()}
 
     @torch.no_grad()
     def scale_latents(self, scale: torch.Tensor) -> None:

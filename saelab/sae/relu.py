@@ -10,7 +10,10 @@ Two forms, chosen by `--decoder-norm` (section `l1`):
 - unit (2023): L = recon + lambda * mean_B ||a||_1, with decoder rows kept at unit norm by the base class
   (gradient projection after backward, renormalisation after the step). Init: unit rows, W_enc = W_dec^T.
 
-lambda = l1_coef * ctx.sparsity_scale (the trainer ramps the scale over `l1_warmup_fraction` of training).
+Sparsity target: with --l1-coef 0 (the default) lambda is adapted by an L0 controller toward --target-l0
+(saelab.sae.sparsity), and b_enc starts at minus each latent's (1 - target/n) quantile of its initial
+pre-activations, so the code starts at the target L0. A given --l1-coef is used as it is, ramped in over
+`l1_warmup_fraction` of training (ctx.sparsity_scale); the controller needs no warmup.
 Folding decoder norms into the encoder is exact for ReLU (ReLU(s z) = s ReLU(z) for s > 0).
 """
 
@@ -23,6 +26,7 @@ import torch
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.sae.base import SAE, StepContext
+from saelab.sae.sparsity import quantile_thresholds, sample_pre_activations
 
 DECODER_NORMS = ("weighted", "unit")
 B_DEC_INITS = ("zero", "geomedian")
@@ -34,7 +38,7 @@ class ReLUSAE(SAE):
     architecture = "relu"
     sections = ("l1",)
     decoder_norm_foldable = True  # ReLU is positively homogeneous, so folding ||d_i|| is exact
-    default_lr = 5e-5  # SAELens docs for the L1 SAE (16x); not width-scaled, see default_learning_rate
+    sparsity_coefficient = ("l1", "l1_coef")
 
     def __init__(self, d_in: int, cfg: SAEConfig, options: dict[str, Any] | None = None, metadata: dict | None = None):
         super().__init__(d_in, cfg, options, metadata)
@@ -69,18 +73,19 @@ class ReLUSAE(SAE):
                 self.W_dec.mul_(self.option("l1").decoder_init_norm)
                 self.W_enc.copy_(self.W_dec.T)
 
+    def initial_sparsity_coef(self) -> float:
+        return 5.0  # the 2024 recipe's lambda with constant input scaling
+
     @torch.no_grad()
     def initialize_from_data(self, x_n: torch.Tensor) -> None:
-        """x_n [n, d_in]: b_dec = geometric median of the sample when --b-dec-init geomedian, else keep b_dec = 0."""
+        """x_n [n, d_in]: b_dec = geometric median of the sample when --b-dec-init geomedian, else keep b_dec = 0;
+        then b_enc = -(each latent's (1 - target_l0/d_sae) quantile of z), so ReLU(z) starts at the target L0."""
         if self.option("l1").b_dec_init == "geomedian":
             super().initialize_from_data(x_n)
+        self.b_enc.sub_(quantile_thresholds(sample_pre_activations(self, x_n), self.cfg.target_l0))
 
     def sparsity_warmup_fraction(self) -> float:
-        return self.option("l1").l1_warmup_fraction
-
-    def default_learning_rate(self) -> float:
-        """5e-5 at any width: the published L1 recipe quotes one learning rate, not a width-scaled rule."""
-        return self.default_lr
+        return 0.0 if self.l0_controller is not None else self.option("l1").l1_warmup_fraction
 
     def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """z [batch, d_sae] -> a = ReLU(z) [batch, d_sae]."""
@@ -91,7 +96,7 @@ class ReLUSAE(SAE):
     ) -> dict[str, torch.Tensor]:
         """{"l1": lambda * mean_B sum_i a_i * w_i} with w_i = ||d_i||_2 (weighted) or 1 (unit); a [batch, d_sae]."""
         l1 = self.option("l1")
-        coef = l1.l1_coef * ctx.sparsity_scale
+        coef = self.sparsity_coef() * ctx.sparsity_scale
         if l1.decoder_norm == "weighted":
             per_token = (a * self.W_dec.norm(dim=1)).sum(dim=-1)
         else:

@@ -280,6 +280,7 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     if meta.get("model_name"):
         metadata["model"] = meta["model_name"]
     sae = cls(d_in, sae_cfg, options, metadata)
+    sae.freeze_sparsity()  # a loaded SAE keeps the coefficient it was saved with
 
     current = sae.state_dict()
     missing = set(extra) - set(current)

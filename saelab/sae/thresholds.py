@@ -31,6 +31,7 @@ import torch
 
 from saelab.errors import SaelabError
 from saelab.sae.base import SAE, StepContext
+from saelab.sae.sparsity import quantile_thresholds, sample_pre_activations
 
 FAMILIES = ("soft", "hard", "half", "lq", "cel0")
 _NEWTON_MAX_ITERS = 100
@@ -219,6 +220,17 @@ class ThresholdSAE(SAE):
 
     architecture = "threshold"
     sections = ("threshold",)
+    sparsity_coefficient = ("threshold", "threshold_lambda")
+
+    def initial_sparsity_coef(self) -> float:
+        return 1.0
+
+    @torch.no_grad()
+    def initialize_from_data(self, x_n: torch.Tensor) -> None:
+        """x_n [n, d_in]: b_dec = geometric median; then b_enc = -(each latent's (1 - target_l0/d_sae) quantile of z),
+        so ReLU(z) starts at the target L0 (the operator's threshold only removes more)."""
+        super().initialize_from_data(x_n)
+        self.b_enc.sub_(quantile_thresholds(sample_pre_activations(self, x_n), self.cfg.target_l0))
 
     def validate(self) -> None:
         opt = self.option("threshold")
@@ -235,21 +247,22 @@ class ThresholdSAE(SAE):
             )
 
     def _d_norm(self) -> torch.Tensor | float:
-        """CEL0's ||d_i|| [d_sae] (detached); the other families do not use it."""
+        """CEL0's ||d_i|| [d_sae] in the normalised space (detached; folding the input scale c divides the stored
+        rows by c, so it is multiplied back); the other families do not use it."""
         if self.option("threshold").threshold_family != "cel0":
             return 1.0
-        return self.W_dec.detach().norm(dim=1)
+        return self.W_dec.detach().norm(dim=1) * self.metadata.get("folded_input_scale", 1.0)
 
     def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """z [batch, d_sae] -> a = op(ReLU(z)) [batch, d_sae], a >= 0 (same map in training and inference)."""
         opt = self.option("threshold")
         return threshold_op(
-            z.relu(), opt.threshold_family, opt.threshold_lambda, opt.threshold_gamma, opt.threshold_q, self._d_norm()
+            z.relu(), opt.threshold_family, float(self.sparsity_coef()), opt.threshold_gamma, opt.threshold_q, self._d_norm()
         )
 
     def sparsity_loss(self, x_n, z, a, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
         """{"sparsity": 2 mean_B sum_i P(a_i)} (divided by d_in under mean reduction); see the class docstring."""
         opt = self.option("threshold")
-        penalty = threshold_penalty(a, opt.threshold_family, opt.threshold_lambda, opt.threshold_q, self._d_norm())
+        penalty = threshold_penalty(a, opt.threshold_family, float(self.sparsity_coef()), opt.threshold_q, self._d_norm())
         scale = 2.0 if self.cfg.mse_reduction == "sum" else 2.0 / self.d_in
         return {"sparsity": scale * ctx.sparsity_scale * penalty.sum(-1).mean()}

@@ -128,6 +128,11 @@ class TopAFASAE(TopKSAE):
 
     architecture = "topafa"
     sections = ("aux", "topk", "afa")
+    sparsity_coefficient = ("afa", "afa_norm_scale")
+    sparsity_sign = -1  # a larger target norm keeps more latents
+
+    def initial_sparsity_coef(self) -> float:
+        return 1.0  # the paper's norm matching, ||a|| ~ ||x - b_dec||
 
     def validate(self) -> None:
         aux = self.option("aux")
@@ -139,8 +144,9 @@ class TopAFASAE(TopKSAE):
             raise SaelabError("top-AFA needs d_sae >= 2 (k* ranges over 1 .. d_sae - 1).")
 
     def target_norm(self, x_n: torch.Tensor) -> torch.Tensor:
-        """||x_n - b_dec|| per token: [batch, d_in] -> [batch] (detached; it only picks k*)."""
-        return (x_n - self.b_dec).detach().norm(dim=-1)
+        """s * ||x_n - b_dec|| per token, s the norm scale (afa_norm_scale or its controller's value): [batch, d_in]
+        -> [batch] (detached; it only picks k*)."""
+        return (x_n - self.b_dec).detach().norm(dim=-1) * self.sparsity_coef()
 
     def encode_pre(self, x_n: torch.Tensor) -> torch.Tensor:
         z = super().encode_pre(x_n)

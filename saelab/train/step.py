@@ -34,6 +34,7 @@ def train_step(
     sae.normalize_decoder()
     with torch.no_grad():
         sae.update_inference_state(out.code)
+        sae.adapt_sparsity(out.code)
         if replica is not None:
             replica.sync_inference_state()
     return out

@@ -1,0 +1,67 @@
+"""Reaching a target L0 with no tuning: the L0 controller and per-latent quantile initialisation.
+
+The top-k family fixes its L0 by construction (k = --target-l0). Every other variant sets it through one
+coefficient (ReLU's L1 weight, JumpReLU's L0 weight, the threshold family's lambda, top-AFA's norm scale),
+whose right value depends on the data, the width and the run length. Two pieces make them all hit
+--target-l0 by themselves:
+
+- Quantile initialisation: thresholds (JumpReLU's theta, or -b_enc for ReLU-style encoders) start at each
+  latent's (1 - L0/n) quantile of its initial pre-activations, so the code has the target L0 from step 0 and
+  every latent fires on some tokens.
+- L0Controller: integral feedback on the log of the coefficient, each step
+      log c <- log c + sign * rate * clamp(log((L0_batch + 1) / (target + 1)), -1, 1)
+  (sign +1 where a larger coefficient means a sparser code). It is the coefficient's only state and lives in the
+  SAE, so checkpoints and data-parallel averaging carry it. It keeps adapting through the final learning-rate
+  decay: frozen there, top-AFA's k* drifted from 3 to 21 on a planted dictionary as its encoder kept shrinking.
+  When the SAE is saved, the coefficient it reached is written into its option and the controller is dropped:
+  a saved SAE records its fixed coefficient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class L0Controller(nn.Module):
+    """A coefficient steered so that the training L0 settles at `target_l0`.
+
+    value: the coefficient (positive scalar tensor). sign: +1 when raising the coefficient lowers L0, -1 when it
+    raises L0. rate: the step of log(coefficient) per training step at the largest error.
+    """
+
+    def __init__(self, target_l0: float, initial: float, rate: float, sign: int = 1):
+        super().__init__()
+        self.target_l0, self.rate, self.sign = float(target_l0), float(rate), sign
+        self.register_buffer("log_value", torch.tensor(math.log(initial)))
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.log_value.exp()
+
+    @torch.no_grad()
+    def update(self, l0: float | torch.Tensor) -> None:
+        """One feedback step from the mean L0 of a training batch."""
+        error = math.log((float(l0) + 1) / (self.target_l0 + 1))
+        self.log_value += self.sign * self.rate * max(-1.0, min(1.0, error))
+
+
+@torch.no_grad()
+def quantile_thresholds(z: torch.Tensor, target_l0: float) -> torch.Tensor:
+    """Per-latent thresholds that a fraction target_l0 / d_sae of the sample exceeds.
+
+    z: [n_tokens, d_sae] pre-activations -> [d_sae]: the (1 - target_l0 / d_sae) quantile of each column, so
+    sum_i P(z_i > threshold_i) = target_l0 on the sample.
+    """
+    n_tokens, d_sae = z.shape
+    rank = round(n_tokens * (1 - min(target_l0, d_sae) / d_sae))
+    return z.kthvalue(min(max(rank, 1), n_tokens), dim=0).values
+
+
+def sample_pre_activations(sae, x_n: torch.Tensor, max_tokens: int = 8192) -> torch.Tensor:
+    """sae's pre-activations z [min(n, max_tokens), d_sae] on the first tokens of x_n [n, d_in] (no grad); capped so
+    the sample stays small at large widths (8192 x 2^17 floats = 4 GB would not)."""
+    with torch.no_grad():
+        return sae.encode_pre(x_n[:max_tokens])
