@@ -296,10 +296,14 @@ class L1Config:
     l1_coef: float = option(0.0, "L1 sparsity coefficient (relu); 0: adapted to reach --target-l0.")
     l1_warmup_fraction: float = option(0.05, "Warm a given --l1-coef up linearly over this fraction of steps.")
     decoder_norm: str = option(
-        "weighted", "relu decoder: weighted (2024: L1 of a_i*||d_i||, free decoder) or unit (2023: unit-norm rows)."
+        "unit",
+        "relu decoder: unit (2023: unit-norm rows; MMCS 0.999 / FVU 0.16 on a planted dictionary at L0 6) or "
+        "weighted (2024: L1 of a_i*||d_i||, free decoder from norm 0.1; MMCS 0.90 / FVU 0.38 in the same 1500 steps).",
     )
     decoder_init_norm: float = option(0.1, "Initial decoder row norm for the weighted form.")
-    b_dec_init: str = option("zero", "b_dec initialisation: zero or geomedian (geometric median of a sample).")
+    b_dec_init: str = option(
+        "geomedian", "b_dec initialisation: geomedian (geometric median of a sample) or zero (the 2024 recipe)."
+    )
     resample_steps: list[int] = option([], "Steps at which to resample dead latents (2023 form), e.g. 25000 50000.")
     resample_scale: float = option(0.2, "Resampled encoder rows get this times the mean alive encoder norm.")
 

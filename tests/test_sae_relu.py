@@ -26,7 +26,7 @@ def make(d_in=8, d_sae=24, seed=0, sae_kw=None, **l1):
 
 
 def test_init_weighted_form():
-    sae = make(decoder_init_norm=0.1)
+    sae = make(decoder_norm="weighted", decoder_init_norm=0.1)
     assert sae.unit_norm_decoder is False
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((24,), 0.1))
     assert torch.equal(sae.W_enc, sae.W_dec.T)
@@ -35,12 +35,12 @@ def test_init_weighted_form():
 
 
 def test_init_unit_form():
-    sae = make(decoder_norm="unit")
+    sae = make()  # the default
     assert sae.unit_norm_decoder is True
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(24))
     assert torch.equal(sae.W_enc, sae.W_dec.T)
     # The class attribute is untouched: the instance attribute decides per SAE.
-    assert make().unit_norm_decoder is False
+    assert make(decoder_norm="weighted").unit_norm_decoder is False
 
 
 def test_forward_is_relu_then_linear_decode():

@@ -164,8 +164,11 @@ class JumpReLUSAE(SAE):
 
     @torch.no_grad()
     def initialize_from_data(self, x_n: torch.Tensor) -> None:
-        """x_n [n, d_in]. b_dec stays zero (Gemma Scope). With --theta-init 0, theta_i = latent i's
-        (1 - target_l0/d_sae) quantile of z on the sample (at least the bandwidth, so theta stays positive)."""
+        """x_n [n, d_in]. b_dec = the geometric median of the sample (Gemma Scope starts it at zero, which on
+        SmolLM2's residual stream gave FVU 8 at step 0 and 6.8 after 10 steps, against TopK's 0.75 and 0.61). With
+        --theta-init 0, theta_i = latent i's (1 - target_l0/d_sae) quantile of z on the sample (at least the
+        bandwidth, so theta stays positive)."""
+        super().initialize_from_data(x_n)
         opt = self.option("jumprelu")
         if opt.theta_init == 0:
             theta = quantile_thresholds(sample_pre_activations(self, x_n), self.cfg.target_l0)
