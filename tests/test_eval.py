@@ -34,6 +34,20 @@ def contexts(tokenizer):
     return list(itertools.islice(token_contexts(DATA, tokenizer), 10))
 
 
+def numbers(section, prefix=""):
+    """A result section as {dotted key: number}, nested dicts and intervals ([lo, hi]) included."""
+    out = {}
+    for key, value in (section or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(numbers(value, f"{name}."))
+        elif isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
+            out[f"{name}.lo"], out[f"{name}.hi"] = value
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
 def small_sae(architecture="topk", hook=RESID, d_in=64, k=8, seed=1, **metadata):
     sae = create_sae(d_in, SAEConfig(architecture=architecture, d_sae=96, k=k), metadata={"hook": hook, **metadata})
     return perturb(sae, seed=seed)
@@ -48,7 +62,7 @@ def test_exact_reconstructions_give_the_known_answers(tiny_model, contexts):
         EvalTarget("zero", RESID, lambda x: (torch.zeros_like(x), None)),
     ]
     identity, mean_result, zero = evaluate_targets(
-        tiny_model, targets, contexts, ablation_means=means, batch_contexts=4
+        tiny_model, targets, contexts, ablation_means=means, batch_contexts=4, outlier_norm=0
     )
     assert identity["reconstruction"]["fvu"] == 0 and identity["sparsity"] is None
     down = identity["downstream"]
@@ -69,9 +83,10 @@ def test_batching_does_not_change_the_results(tiny_model, contexts):
     one_shot, *batched = (evaluate([sae], tiny_model, contexts, batch_contexts=b, mean_tokens=0)[0] for b in (10, 1, 3))
     for result in batched:
         for section in ("reconstruction", "downstream"):
-            for key, value in one_shot[section].items():
-                assert result[section][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (section, key)
+            for key, value in numbers(one_shot[section]).items():
+                assert numbers(result[section])[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (section, key)
         assert result["sparsity"]["l0"] == one_shot["sparsity"]["l0"]
+        assert result["sparsity"]["l0_ci"] == pytest.approx(one_shot["sparsity"]["l0_ci"], rel=1e-12)
         assert torch.equal(result["sparsity"]["firing_frequency"], one_shot["sparsity"]["firing_frequency"])
 
 
@@ -81,7 +96,7 @@ def test_saes_at_two_hooks_in_one_pass_equal_separate_passes(tiny_model, context
     for sae, joint in zip((resid, z), together):
         (alone,) = evaluate([sae], tiny_model, contexts, batch_contexts=5, mean_tokens=0)
         for section in ("reconstruction", "downstream"):
-            assert joint[section] == pytest.approx(alone[section], rel=1e-6), section
+            assert numbers(joint[section]) == pytest.approx(numbers(alone[section]), rel=1e-6), section
         assert joint["sparsity"]["l0"] == alone["sparsity"]["l0"]
 
 
@@ -97,9 +112,48 @@ def test_skip_positions_counts_and_splices_only_later_positions(tiny_model, cont
     with torch.no_grad():
         x_hat = sae(x.float()).double()
     fvu = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    assert result["reconstruction"]["n_tokens"] == int(keep.sum())
-    assert result["reconstruction"]["fvu"] == pytest.approx(float(fvu), rel=1e-5)
+    assert result["reconstruction"]["all_tokens"]["n_tokens"] == int(keep.sum())
+    assert result["reconstruction"]["all_tokens"]["fvu"] == pytest.approx(float(fvu), rel=1e-5)
     assert result["downstream"]["n_predictions"] == int(keep[:, :-1].sum())
+
+
+def test_headline_reconstruction_leaves_out_tokens_above_the_norm_threshold(tiny_model, contexts):
+    """The documented rule by hand: ||x|| > outlier_norm x the median norm of the first 2048 counted tokens (stream
+    order) is an outlier; the headline FVU is the FVU of the rest, all_tokens that of every token."""
+    sae = small_sae()
+    tokens = torch.stack(contexts)
+    keep = splice_keep_mask(tiny_model, tokens)
+    _, acts = run_logits(tiny_model, tokens, RESID, capture=True)
+    x = acts[keep].double()
+    norms = x.norm(dim=1)
+    median = norms[:2048].median()
+    factor = float(torch.quantile(norms, 0.95) / median)  # this random model has no massive tokens: the top 5%
+    (result,) = evaluate([sae], tiny_model, contexts, batch_contexts=3, mean_tokens=0, outlier_norm=factor)
+    with torch.no_grad():
+        x_hat = sae(x.float()).double()
+    inlier = norms <= factor * median
+    rest, rest_hat = x[inlier], x_hat[inlier]
+    fvu = (rest - rest_hat).pow(2).sum() / (rest - rest.mean(0)).pow(2).sum()
+    reconstruction = result["reconstruction"]
+    assert 0 < reconstruction["outliers"]["n_tokens"] == int((~inlier).sum())
+    assert reconstruction["n_tokens"] == int(inlier.sum()) and reconstruction["all_tokens"]["n_tokens"] == len(x)
+    assert reconstruction["outlier_rule"]["median_norm"] == pytest.approx(float(median), rel=1e-6)
+    assert reconstruction["fvu"] == pytest.approx(float(fvu), rel=1e-5)
+    assert reconstruction["mse"] == pytest.approx(float((rest - rest_hat).pow(2).mean()), rel=1e-5)
+    # L0 and the downstream metrics still count every token
+    assert result["sparsity"]["n_tokens"] == len(x) and result["downstream"]["n_predictions"] == int(keep[:, :-1].sum())
+
+
+def test_every_headline_metric_has_an_interval_around_it(tiny_model, contexts):
+    (result,) = evaluate([small_sae()], tiny_model, contexts, batch_contexts=4, mean_tokens=0, bootstrap_resamples=200)
+    headline = [("reconstruction", k) for k in ("fvu", "mse", "cosine")] + [("sparsity", "l0")]
+    headline += [("downstream", k) for k in ("ce_recovered_zero", "ce_recovered_mean", "delta_lm_loss", "kl_sae")]
+    for section, key in headline:
+        lo, hi = result[section][f"{key}_ci"]
+        assert lo <= result[section][key] <= hi, (section, key)
+        assert lo < hi or key == "l0", (section, key)  # TopK: L0 is k in every context
+    (plain,) = evaluate([small_sae()], tiny_model, contexts, downstream=False, bootstrap_resamples=0)
+    assert "fvu_ci" not in plain["reconstruction"] and "l0_ci" not in plain["sparsity"]
 
 
 def test_abstopk_l0_counts_negative_codes(tiny_model, contexts):
@@ -182,6 +236,10 @@ def test_cli_writes_json_per_sae_and_skips_training_text(tmp_path, capsys):
     assert result["conventions"]["fvu"].startswith("global")
     assert set(result["sparsity"]["firing_frequency"]) == {"median", "p90", "p99", "max"}
     assert 0 < result["reconstruction"]["fvu"] and result["downstream"]["ce_clean"] > 0
+    assert len(result["reconstruction"]["fvu_ci"]) == 2 and len(result["downstream"]["ce_recovered_mean_ci"]) == 2
+    assert result["reconstruction"]["all_tokens"]["n_tokens"] >= result["reconstruction"]["n_tokens"]
+    assert result["outlier_norm"] == 3.0 and result["bootstrap"]["resamples"] == 1000
+    assert "±" in printed and "bootstrap interval" in printed
 
 
 def test_saelens_folder_evaluates_like_the_saelab_folder(tmp_path, capsys):

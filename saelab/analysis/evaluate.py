@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from saelab import __version__
 from saelab.activations.hooks import resolve_hooks
 from saelab.activations.source import ActivationSource
-from saelab.analysis.metrics import DownstreamStats, ReconstructionStats, SparsityStats
+from saelab.analysis.metrics import CONFIDENCE, DownstreamStats, ReconstructionStats, SparsityStats
 from saelab.analysis.splice import kl_divergence, next_token_losses, run_logits, splice_keep_mask
 from saelab.config import DataConfig
 from saelab.errors import SaelabError
@@ -45,7 +45,11 @@ if TYPE_CHECKING:
 Reconstruction = Callable[[torch.Tensor], tuple[torch.Tensor, SparseCode | None]]
 
 CONVENTIONS = {
-    "fvu": "global: sum of squared errors over sum of squared deviations from the mean over all evaluation tokens",
+    "fvu": "global: sum of squared errors over sum of squared deviations from the mean over the evaluation tokens "
+    "(headline: outliers excluded, see outliers; all_tokens: every token)",
+    "outliers": "tokens with ||x|| > outlier_norm x the median ||x|| of the hook's first reference_tokens evaluation "
+    "tokens (massive activations, e.g. attention sinks); left out of the headline reconstruction metrics and "
+    "reported under reconstruction.outliers; still spliced downstream and counted in sparsity",
     "explained_variance": "1 - fvu (global)",
     "mse": "mean over tokens and dimensions of (x - x_hat)^2, raw activation space",
     "normalized_mse_per_token": "per-token: mean over tokens of ||x - x_hat||^2 / ||x||^2",
@@ -59,6 +63,9 @@ CONVENTIONS = {
     "ce_recovered": "(CE_ablation - CE_sae) / (CE_ablation - CE_clean), against zero and against mean ablation",
     "delta_lm_loss": "CE_sae - CE_clean (nats)",
     "kl": "mean over predictions of KL(p_clean || p_other) in nats; kl_score = (KL_ablation - KL_sae) / KL_ablation",
+    "intervals": "<metric>_ci: 95% percentile bootstrap interval over evaluation contexts (resample contexts with "
+    "replacement, recompute the metric from their summed statistics; bootstrap_resamples resamples, "
+    "bootstrap_seed); the outlier threshold and the mean-ablation baseline are held fixed",
 }
 
 
@@ -132,11 +139,17 @@ def evaluate_targets(
     batch_contexts: int = 8,
     dense_threshold: float = 0.1,
     skip_positions: int = 0,
+    outlier_norm: float = 3.0,
+    bootstrap_resamples: int = 1000,
+    bootstrap_seed: int = 0,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate reconstructions in one pass over `contexts` ([pos] int64 token tensors, BOS first).
 
     Positions below `skip_positions` (and special tokens) keep their clean activation and are not counted.
+    Tokens with ||x|| > outlier_norm x the median norm of the hook's first OUTLIER_REFERENCE_TOKENS counted tokens
+    are left out of the headline reconstruction metrics (see ReconstructionStats; 0: none are).
+    Every metric gets a bootstrap interval over the contexts (bootstrap_resamples; 0: none).
 
     ablation_means: hook -> [d] mean activation, the mean-ablation baseline (needed when downstream).
     Returns one dict per target: n_contexts, reconstruction (ReconstructionStats.result), sparsity
@@ -147,7 +160,7 @@ def evaluate_targets(
     resolve_hooks(model, hooks)
     if downstream and (ablation_means is None or any(hook not in ablation_means for hook in hooks)):
         raise SaelabError("Downstream evaluation needs the mean activation of every hook (ablation_means).")
-    reconstruction = [ReconstructionStats() for _ in targets]
+    reconstruction = [ReconstructionStats(outlier_norm) for _ in targets]
     sparsity = [SparsityStats(t.d_sae, dense_threshold) if t.d_sae else None for t in targets]
     spliced = [DownstreamStats() if downstream else None for _ in targets]
     captured_hooks = hooks[1:] if downstream else hooks  # downstream: the clean forward captures hooks[0]
@@ -159,6 +172,8 @@ def evaluate_targets(
         for tokens in _batches(contexts, batch_contexts):
             keep = splice_keep_mask(model, tokens)
             keep[:, :skip_positions] = False
+            token_context = n_contexts + keep.nonzero()[:, 0].cpu()  # [n_kept], rows in acts[keep] order
+            row_context = n_contexts + torch.arange(tokens.shape[0])
             acts: dict[str, torch.Tensor] = {}
             if downstream:
                 clean_logits, acts[hooks[0]] = run_logits(model, tokens, hooks[0], capture=True)
@@ -182,23 +197,26 @@ def evaluate_targets(
                             f"{target.name} produced non-finite reconstructions (NaN or inf) at {hook}. Its weights "
                             "are likely corrupt (a diverged training run); check them or retrain."
                         )
-                    reconstruction[i].update(x, x_hat)
+                    reconstruction[i].update(x, x_hat, token_context)
                     if sparsity[i] is not None and code is not None:
-                        sparsity[i].update(code)
+                        sparsity[i].update(code, token_context)
                     if downstream:
                         ce_sae, kl_sae = _spliced_losses(
                             model, tokens, hook, functools.partial(_put, keep=keep, rows=x_hat), keep, clean_log_probs
                         )
-                        spliced[i].update(ce_clean, ce_sae, ce_zero, ce_mean, kl_sae, kl_zero, kl_mean, keep[:, :-1])
+                        spliced[i].update(
+                            ce_clean, ce_sae, ce_zero, ce_mean, kl_sae, kl_zero, kl_mean, keep[:, :-1], row_context
+                        )
             n_contexts += tokens.shape[0]
             bar.update()
     bar.close()
+    bootstrap = {"resamples": bootstrap_resamples, "seed": bootstrap_seed}
     return [
         {
             "n_contexts": n_contexts,
-            "reconstruction": reconstruction[i].result(),
-            "sparsity": None if sparsity[i] is None else sparsity[i].result(),
-            "downstream": None if spliced[i] is None else spliced[i].result(),
+            "reconstruction": reconstruction[i].result(**bootstrap),
+            "sparsity": None if sparsity[i] is None else sparsity[i].result(**bootstrap),
+            "downstream": None if spliced[i] is None else spliced[i].result(**bootstrap),
         }
         for i in range(len(targets))
     ]
@@ -239,6 +257,9 @@ def evaluate(
     batch_contexts: int = 8,
     dense_threshold: float = 0.1,
     skip_positions: int = 0,
+    outlier_norm: float = 3.0,
+    bootstrap_resamples: int = 1000,
+    bootstrap_seed: int = 0,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate SAEs (each at its metadata's hook) in one pass over `contexts` ([pos] int64 token tensors).
@@ -274,6 +295,9 @@ def evaluate(
         batch_contexts=batch_contexts,
         dense_threshold=dense_threshold,
         skip_positions=skip_positions,
+        outlier_norm=outlier_norm,
+        bootstrap_resamples=bootstrap_resamples,
+        bootstrap_seed=bootstrap_seed,
         progress=progress,
     )
     return [
@@ -368,20 +392,45 @@ TABLE_COLUMNS = (  # header, result section, key, format, scale
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
-    """One row per result of `evaluate`: SAE (folder name) and the TABLE_COLUMNS metrics ('-': not computed)."""
+    """One row per result of `evaluate`: SAE (folder name) and the TABLE_COLUMNS metrics ('-': not computed), under
+    it a row of +- half-widths of their bootstrap intervals (blank: none), then a line per SAE whose headline
+    reconstruction left outlier tokens out, with its all-token FVU."""
 
     def cell(result: dict, section: str, key: str, fmt: str, scale: float) -> str:
         value = (result.get(section) or {}).get(key)
         return "-" if value is None else fmt.format(value * scale)
 
+    def spread(result: dict, section: str, key: str, fmt: str, scale: float) -> str:
+        interval = (result.get(section) or {}).get(f"{key}_ci")
+        return "" if interval is None else "±" + fmt.format((interval[1] - interval[0]) / 2 * scale)
+
     header = ["SAE", *(column[0] for column in TABLE_COLUMNS)]
-    rows = [[Path(r["sae"]).name, *(cell(r, *column[1:]) for column in TABLE_COLUMNS)] for r in results]
+    rows = []
+    for r in results:
+        rows.append([Path(r["sae"]).name, *(cell(r, *column[1:]) for column in TABLE_COLUMNS)])
+        spreads = [spread(r, *column[1:]) for column in TABLE_COLUMNS]
+        if any(spreads):
+            rows.append(["", *spreads])
     widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
     lines = [
-        "  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths)))
+        "  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths))).rstrip()
         for row in [header, *rows]
     ]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+    notes = []
+    if any(row[0] == "" for row in rows):
+        notes.append(f"±: half-width of the {CONFIDENCE:.0%} bootstrap interval over contexts (<metric>_ci in JSON)")
+    for r in results:
+        reconstruction = r.get("reconstruction") or {}
+        outliers, rule = reconstruction.get("outliers") or {}, reconstruction.get("outlier_rule") or {}
+        if outliers.get("n_tokens"):
+            all_tokens = {"reconstruction": reconstruction["all_tokens"]}
+            all_fvu = cell(all_tokens, *TABLE_COLUMNS[0][1:]) + spread(all_tokens, *TABLE_COLUMNS[0][1:])
+            notes.append(
+                f"{Path(r['sae']).name}: FVU, MSE, cos and shrink leave out {outliers['n_tokens']} token(s) "
+                f"({outliers['fraction']:.2%}) with ||x|| > {rule['outlier_norm']:g}x the median norm (up to "
+                f"{outliers['max_norm_ratio']:.0f}x); over all tokens FVU {all_fvu}"
+            )
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *notes])
 
 
 def run_eval(config: EvalCommand, progress: bool = True) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -397,6 +446,8 @@ def run_eval(config: EvalCommand, progress: bool = True) -> tuple[list[dict[str,
         raise SaelabError("Name the SAE folders to evaluate: --sae DIR [DIR ...].")
     if options.n_tokens <= 0 or options.batch_contexts <= 0:
         raise SaelabError("--n-tokens and --batch-contexts must be positive.")
+    if options.outlier_norm < 0 or options.bootstrap_resamples < 0:
+        raise SaelabError("--outlier-norm and --bootstrap-resamples must be 0 (off) or positive.")
     started = time.perf_counter()
     names = [str(folder) for folder in options.sae]
     saes = [load_sae(folder, device=config.model.device) for folder in names]
@@ -422,6 +473,9 @@ def run_eval(config: EvalCommand, progress: bool = True) -> tuple[list[dict[str,
         batch_contexts=options.batch_contexts,
         dense_threshold=options.dense_threshold,
         skip_positions=options.skip_positions,
+        outlier_norm=options.outlier_norm,
+        bootstrap_resamples=options.bootstrap_resamples,
+        bootstrap_seed=options.bootstrap_seed,
         progress=progress,
     )
     run_info = {
@@ -429,6 +483,12 @@ def run_eval(config: EvalCommand, progress: bool = True) -> tuple[list[dict[str,
         "data": dataclasses.asdict(config.data),
         "skip_contexts": skip,
         "skip_positions": options.skip_positions,
+        "outlier_norm": options.outlier_norm,
+        "bootstrap": {
+            "resamples": options.bootstrap_resamples,
+            "seed": options.bootstrap_seed,
+            "confidence": CONFIDENCE,
+        },
         "n_tokens": len(contexts) * config.data.context_length,
         "seconds": round(time.perf_counter() - started, 1),
         "saelab_version": __version__,
