@@ -1,5 +1,5 @@
 """Dark-matter decomposition of SAE errors (Engels et al. 2024, "Decomposing The Dark Matter of Sparse
-Autoencoders", arXiv 2410.14670; ../shared/docs/algorithms.md section 8).
+Autoencoders", arXiv 2410.14670).
 
 With e = x - x_hat an SAE's error, one matrix W* = argmin_W sum_t ||e_t - x_t W||^2 (least squares, no
 intercept) splits every activation exactly into three parts:

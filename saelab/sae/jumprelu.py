@@ -20,11 +20,11 @@ Decoder rows are kept at unit norm (Gemma Scope); folding norms at save time als
 
 Reaching --target-l0 with no tuning (saelab.sae.sparsity): with --theta-init 0 (the default) each theta_i
 starts at latent i's (1 - target_l0/d_sae) quantile of its initial pre-activations, so the code starts at the
-target; with --l0-coef 0 (the default) lambda is adapted by the L0 controller, which holds it there. The
-L0 term reaches only theta, and Adam moves log theta by about lr per step whatever the term's scale, so in a
-run of S steps theta changes by at most a factor of about exp(lr * S): a threshold started far from the
-target (Gemma Scope's theta_init 0.001) stays dense in short runs whatever lambda is, which is why the start
-matters more than the coefficient. The bandwidth is in the units of z (inputs scaled to E||x|| = sqrt(d_in)
+target; with --threshold-scale 0 (the default) the L0 controller adapts one factor s on every threshold,
+which holds it there while lambda ranks the latents. The L0 term reaches only theta, and Adam moves log theta
+by about lr per step whatever the term's scale, so in a run of S steps theta changes by at most a factor of
+about exp(lr * S): a controller on lambda winds up, and a threshold started far from the target (Gemma Scope's
+theta_init 0.001) stays dense in short runs whatever lambda is. The bandwidth is in the units of z (inputs scaled to E||x|| = sqrt(d_in)
 give z of order 1); Gemma Scope's 0.001 belongs to inputs of unit mean squared norm.
 
 Sparse training (step and target modes): every derivative above vanishes unless z_i > theta_i - eps/2 (the

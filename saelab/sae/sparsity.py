@@ -1,7 +1,7 @@
 """Reaching a target L0 with no tuning: the L0 controller and per-latent quantile initialisation.
 
 The top-k family fixes its L0 by construction (k = --target-l0). Every other variant sets it through one
-coefficient (ReLU's L1 weight, JumpReLU's L0 weight, the threshold family's lambda, top-AFA's norm scale),
+coefficient (ReLU's L1 weight, JumpReLU's threshold scale, the threshold family's lambda, top-AFA's norm scale),
 whose right value depends on the data, the width and the run length. Two pieces make them all hit
 --target-l0 by themselves:
 
