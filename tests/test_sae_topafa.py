@@ -265,3 +265,17 @@ def test_topafa_recovers_a_planted_dictionary_without_superposition():
     assert float(out.terms["mse"]) < 0.05
     l0 = float((out.code.dense() > 0).sum(-1).float().mean())
     assert l0 < 0.5 * 64  # far from keeping every latent
+
+
+def test_capped_ranking_keeps_the_full_sorts_selection():
+    """afa_select with a rank cap (top-k, then a full sort only when some token needs more) keeps the same
+    entries as the full sort, both when every token fits under the cap and when one does not."""
+    torch.manual_seed(0)
+    u = torch.rand(64, 300).pow(8)
+    norms = torch.rand(300) + 0.5
+    for target in (torch.full((64,), 0.5), torch.cat([torch.full((63,), 0.5), torch.tensor([50.0])])):
+        full = afa_select(u, norms, target)
+        capped = afa_select(u, norms, target, cap=16)
+        assert torch.equal(full.k, capped.k)
+        assert torch.equal(full.acts, capped.acts)
+    assert int(afa_select(u, norms, torch.full((64,), 0.5), cap=16).k.max()) <= 16

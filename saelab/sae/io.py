@@ -46,9 +46,10 @@ def save_sae(sae: SAE, folder: str | Path, fold: bool = True) -> Path:
     """Write `sae` (folded copy unless fold=False) to `folder`; returns the folder."""
     folder = Path(folder)
     saved = copy.deepcopy(sae)
-    saved.freeze_sparsity()
     if fold:
-        saved.fold()
+        saved.fold()  # freezes the sparsity coefficient too
+    else:
+        saved.freeze_sparsity()
     config = {"saelab_version": __version__, **saved.config_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / WEIGHTS

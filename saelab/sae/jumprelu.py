@@ -43,7 +43,7 @@ from torch import nn
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout
 from saelab.sae.base import SAE, EncoderPass, StepContext
-from saelab.sae.sparsity import quantile_thresholds, sample_pre_activations
+from saelab.sae.sparsity import target_quantiles
 
 SPARSITY_MODES = ("step", "tanh", "target")
 
@@ -171,7 +171,7 @@ class JumpReLUSAE(SAE):
         super().initialize_from_data(x_n)
         opt = self.option("jumprelu")
         if opt.theta_init == 0:
-            theta = quantile_thresholds(sample_pre_activations(self, x_n), self.cfg.target_l0)
+            theta = target_quantiles(self, x_n)
             self.log_threshold.copy_(theta.clamp_min(opt.bandwidth).log())
 
     @torch.no_grad()

@@ -1,13 +1,14 @@
 """ReLU SAE with an L1 penalty (Bricken et al. 2023; Anthropic April 2024 update).
 
-activate: a = ReLU(z), z = (x_n - p * b_dec) @ W_enc + b_enc                     [batch, d_sae]
+code: a = ReLU(z), z = (x_n - p * b_dec) @ W_enc + b_enc                         [batch, d_sae]
 
-Two forms, chosen by `--decoder-norm` (section `l1`):
+kept as a sparse code of its z > 0 entries, so training runs on the sparse kernels once the code is sparse
+(gradients are exact: ReLU has zero gradient where z <= 0). Two forms, chosen by `--decoder-norm` (section `l1`):
 
-- weighted (2024, default): L = recon + lambda * mean_B sum_i a_i * ||d_i||_2. The decoder is unconstrained;
+- weighted (2024): L = recon + lambda * mean_B sum_i a_i * ||d_i||_2. The decoder is unconstrained;
   weighting the L1 by the row norms stops the model from shrinking codes by growing decoder rows. Init: random
   decoder rows of norm `decoder_init_norm`, W_enc = W_dec^T, zero biases.
-- unit (2023): L = recon + lambda * mean_B ||a||_1, with decoder rows kept at unit norm by the base class
+- unit (2023, default): L = recon + lambda * mean_B ||a||_1, with decoder rows kept at unit norm by the base class
   (gradient projection after backward, renormalisation after the step). Init: unit rows, W_enc = W_dec^T.
 
 Sparsity target: with --l1-coef 0 (the default) lambda is adapted by an L0 controller toward --target-l0
@@ -25,8 +26,9 @@ import torch
 
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
-from saelab.sae.base import SAE, StepContext
-from saelab.sae.sparsity import quantile_thresholds, sample_pre_activations
+from saelab.kernels import SparseCode, SparseLayout
+from saelab.sae.base import SAE, EncoderPass, StepContext
+from saelab.sae.sparsity import target_quantiles
 
 DECODER_NORMS = ("weighted", "unit")
 B_DEC_INITS = ("zero", "geomedian")
@@ -38,6 +40,7 @@ class ReLUSAE(SAE):
     architecture = "relu"
     sections = ("l1",)
     decoder_norm_foldable = True  # ReLU is positively homogeneous, so folding ||d_i|| is exact
+    sparse_code = True  # only the z > 0 entries are encoded, decoded and penalised (the sparse kernels' path)
     sparsity_coefficient = ("l1", "l1_coef")
 
     def __init__(self, d_in: int, cfg: SAEConfig, options: dict[str, Any] | None = None, metadata: dict | None = None):
@@ -82,23 +85,26 @@ class ReLUSAE(SAE):
         then b_enc = -(each latent's (1 - target_l0/d_sae) quantile of z), so ReLU(z) starts at the target L0."""
         if self.option("l1").b_dec_init == "geomedian":
             super().initialize_from_data(x_n)
-        self.b_enc.sub_(quantile_thresholds(sample_pre_activations(self, x_n), self.cfg.target_l0))
+        self.b_enc.sub_(target_quantiles(self, x_n))
 
     def sparsity_warmup_fraction(self) -> float:
         return 0.0 if self.l0_controller is not None else self.option("l1").l1_warmup_fraction
 
-    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
-        """z [batch, d_sae] -> a = ReLU(z) [batch, d_sae]."""
-        return z.relu()
+    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+        """z [batch, d_sae] -> the entries with z > 0 (the same in training and inference)."""
+        return SparseLayout.from_mask(z > 0)
 
-    def sparsity_loss(
-        self, x_n: torch.Tensor, z: torch.Tensor, a: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext
+    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
+        """a = ReLU(z) at the kept entries [nnz] (ReLU only guards against rounding between the two z passes)."""
+        return z_at.relu()
+
+    def code_losses(
+        self, encoder: EncoderPass, x_n: torch.Tensor, code: SparseCode, x_hat: torch.Tensor, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
-        """{"l1": lambda * mean_B sum_i a_i * w_i} with w_i = ||d_i||_2 (weighted) or 1 (unit); a [batch, d_sae]."""
-        l1 = self.option("l1")
+        """{"l1": lambda * mean_B sum_i a_i * w_i} with w_i = ||d_i||_2 (weighted) or 1 (unit), summed over the
+        code's entries (a_i = 0 elsewhere, with zero gradient)."""
         coef = self.sparsity_coef() * ctx.sparsity_scale
-        if l1.decoder_norm == "weighted":
-            per_token = (a * self.W_dec.norm(dim=1)).sum(dim=-1)
-        else:
-            per_token = a.sum(dim=-1)  # ||a||_1 = sum_i a_i since a = ReLU(z) >= 0
-        return {"l1": coef * per_token.mean()}
+        values = code.values
+        if self.option("l1").decoder_norm == "weighted":
+            values = values * self.W_dec.norm(dim=1)[code.layout.indices]
+        return {"l1": coef * values.sum() / code.layout.batch}

@@ -49,19 +49,15 @@ class L0Controller(nn.Module):
 
 
 @torch.no_grad()
-def quantile_thresholds(z: torch.Tensor, target_l0: float) -> torch.Tensor:
-    """Per-latent thresholds that a fraction target_l0 / d_sae of the sample exceeds.
+def target_quantiles(sae, x_n: torch.Tensor, max_tokens: int = 8192) -> torch.Tensor:
+    """Per-latent thresholds that a fraction target_l0 / d_sae of the sample's pre-activations exceeds.
 
-    z: [n_tokens, d_sae] pre-activations -> [d_sae]: the (1 - target_l0 / d_sae) quantile of each column, so
-    sum_i P(z_i > threshold_i) = target_l0 on the sample.
+    x_n: [n, d_in] normalised inputs, of which the first max_tokens are encoded (capped so the sample stays small
+    at large widths: 8192 x 2^17 floats would be 4 GB) -> [d_sae]: the (1 - target_l0 / d_sae) quantile of each
+    latent's z, so sum_i P(z_i > threshold_i) = target_l0 on the sample.
     """
+    z = sae.encode_pre(x_n[:max_tokens])
     n_tokens, d_sae = z.shape
+    target_l0 = sae.cfg.target_l0
     rank = round(n_tokens * (1 - min(target_l0, d_sae) / d_sae))
     return z.kthvalue(min(max(rank, 1), n_tokens), dim=0).values
-
-
-def sample_pre_activations(sae, x_n: torch.Tensor, max_tokens: int = 8192) -> torch.Tensor:
-    """sae's pre-activations z [min(n, max_tokens), d_sae] on the first tokens of x_n [n, d_in] (no grad); capped so
-    the sample stays small at large widths (8192 x 2^17 floats = 4 GB would not)."""
-    with torch.no_grad():
-        return sae.encode_pre(x_n[:max_tokens])

@@ -30,8 +30,9 @@ import math
 import torch
 
 from saelab.errors import SaelabError
-from saelab.sae.base import SAE, StepContext
-from saelab.sae.sparsity import quantile_thresholds, sample_pre_activations
+from saelab.kernels import SparseCode, SparseLayout
+from saelab.sae.base import SAE, EncoderPass, StepContext
+from saelab.sae.sparsity import target_quantiles
 
 FAMILIES = ("soft", "hard", "half", "lq", "cel0")
 _NEWTON_MAX_ITERS = 100
@@ -172,6 +173,25 @@ def threshold_op(
     raise SaelabError(f"Unknown --threshold-family '{family}'; use one of {', '.join(FAMILIES)}.")
 
 
+def zero_below(
+    family: str, lam: float, gamma: float, q: float = 0.5, d_norm: float | torch.Tensor = 1.0
+) -> float | torch.Tensor:
+    """The magnitude at or below which `threshold_op(., family, lam, gamma, q, d_norm)` is 0 (a tensor shaped like
+    d_norm for CEL0, a float otherwise): soft t, hard sqrt(2t), half / lq tau_q, CEL0 gamma sqrt(2 lambda) ||d||."""
+    t = lam * gamma
+    if family == "soft":
+        return t
+    if family == "hard":
+        return math.sqrt(2 * t)
+    if family == "half":
+        return half_threshold(t)
+    if family == "lq":
+        return lq_threshold(t, q)
+    if family == "cel0":
+        return math.sqrt(2 * lam) * gamma * d_norm
+    raise SaelabError(f"Unknown --threshold-family '{family}'; use one of {', '.join(FAMILIES)}.")
+
+
 def threshold_penalty(
     a: torch.Tensor, family: str, lam: float, q: float = 0.5, d_norm: float | torch.Tensor = 1.0
 ) -> torch.Tensor:
@@ -211,6 +231,9 @@ class ThresholdSAE(SAE):
     terms are divided by d_in, so lambda keeps its meaning. The decoder has unit-norm rows, so CEL0's ||d_i|| = 1
     in practice (the actual norms are used anyway, detached).
 
+    The code keeps only the entries above the operator's zero region (`zero_below`), so training runs on the
+    sparse kernels; gradients are exact, since every operator is flat at 0 there.
+
     Gradients: the threshold t is a fixed hyperparameter, not a parameter, so no straight-through estimator is
     needed: the almost-everywhere derivative of the operator (1 on the support for hard; the closed form's or the
     implicit derivative for half / lq; 1/(1 - gamma) on CEL0's ramp) trains the encoder. The hard penalty
@@ -221,6 +244,7 @@ class ThresholdSAE(SAE):
     architecture = "threshold"
     sections = ("threshold",)
     sparsity_coefficient = ("threshold", "threshold_lambda")
+    sparse_code = True  # only entries above the operator's zero region are encoded, decoded and penalised
 
     def initial_sparsity_coef(self) -> float:
         return 1.0
@@ -230,7 +254,7 @@ class ThresholdSAE(SAE):
         """x_n [n, d_in]: b_dec = geometric median; then b_enc = -(each latent's (1 - target_l0/d_sae) quantile of z),
         so ReLU(z) starts at the target L0 (the operator's threshold only removes more)."""
         super().initialize_from_data(x_n)
-        self.b_enc.sub_(quantile_thresholds(sample_pre_activations(self, x_n), self.cfg.target_l0))
+        self.b_enc.sub_(target_quantiles(self, x_n))
 
     def validate(self) -> None:
         opt = self.option("threshold")
@@ -253,16 +277,30 @@ class ThresholdSAE(SAE):
             return 1.0
         return self.W_dec.detach().norm(dim=1) * self.metadata.get("folded_input_scale", 1.0)
 
-    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
-        """z [batch, d_sae] -> a = op(ReLU(z)) [batch, d_sae], a >= 0 (same map in training and inference)."""
+    def _operator_args(self) -> tuple[str, float, float, float]:
         opt = self.option("threshold")
-        return threshold_op(
-            z.relu(), opt.threshold_family, float(self.sparsity_coef()), opt.threshold_gamma, opt.threshold_q, self._d_norm()
-        )
+        return opt.threshold_family, float(self.sparsity_coef()), opt.threshold_gamma, opt.threshold_q
 
-    def sparsity_loss(self, x_n, z, a, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """{"sparsity": 2 mean_B sum_i P(a_i)} (divided by d_in under mean reduction); see the class docstring."""
-        opt = self.option("threshold")
-        penalty = threshold_penalty(a, opt.threshold_family, float(self.sparsity_coef()), opt.threshold_q, self._d_norm())
+    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+        """z [batch, d_sae] -> the entries where op(ReLU(z)) is nonzero: z above the family's zero region."""
+        return SparseLayout.from_mask(z > zero_below(*self._operator_args(), self._d_norm()))
+
+    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
+        """a = op(ReLU(z)) at the kept entries [nnz], a >= 0 (same map in training and inference)."""
+        d_norm = self._d_norm()
+        if isinstance(d_norm, torch.Tensor):
+            d_norm = d_norm[layout.indices]
+        return threshold_op(z_at.relu(), *self._operator_args(), d_norm)
+
+    def code_losses(
+        self, encoder: EncoderPass, x_n: torch.Tensor, code: SparseCode, x_hat: torch.Tensor, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        """{"sparsity": 2 mean_B sum_i P(a_i)} over the code's entries (P(0) = 0), divided by d_in under mean
+        reduction; see the class docstring."""
+        family, lam, _, q = self._operator_args()
+        d_norm = self._d_norm()
+        if isinstance(d_norm, torch.Tensor):
+            d_norm = d_norm[code.layout.indices]
+        penalty = threshold_penalty(code.values, family, lam, q, d_norm)
         scale = 2.0 if self.cfg.mse_reduction == "sum" else 2.0 / self.d_in
-        return {"sparsity": scale * ctx.sparsity_scale * penalty.sum(-1).mean()}
+        return {"sparsity": scale * ctx.sparsity_scale * penalty.sum() / code.layout.batch}

@@ -25,6 +25,8 @@ keeps adapting through the learning-rate decay: frozen there, k* drifted from 3 
 
 from __future__ import annotations
 
+import math
+
 import weakref
 from typing import NamedTuple
 
@@ -41,34 +43,50 @@ class AFASelection(NamedTuple):
     k: torch.Tensor  # [batch] int64, k* per token (1 <= k* <= d_sae - 1)
 
 
-def afa_k(u: torch.Tensor, decoder_norms: torch.Tensor, target_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def afa_k(
+    u: torch.Tensor, decoder_norms: torch.Tensor, target_norm: torch.Tensor, cap: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Norm matching. u [batch, n] >= 0 (ReLU'd pre-activations), decoder_norms [n] (||d_i||), target_norm [batch]
-    (||x - b_dec||) -> (k* [batch] int64, order [batch, n]: latents by descending (u_i ||d_i||)^2).
+    (||x - b_dec||) -> (k* [batch] int64, order [batch, m]: the first m >= max(k*) latents by descending
+    (u_i ||d_i||)^2).
 
     c_j = sqrt(cumsum of the sorted q) with the last entry +inf; k* = argmin_j |c_j - target| + 1, and the code
     keeps the first k* latents of `order`. The official code sets the last cumulative sum to 1e8 (c = 1e4) rather
-    than +inf; the two differ only for targets above ~5e3, where +inf still keeps k* < n."""
+    than +inf; the two differ only for targets above ~5e3, where +inf still keeps k* < n.
+
+    cap: rank only the top `cap` latents (a top-k instead of a full sort) when every token's c_cap reaches its
+    target; c is non-decreasing, so k* <= cap there and the result is the full sort's. Otherwise sort fully."""
     with torch.no_grad():
-        sorted_scores, order = (u * decoder_norms).pow(2).sort(dim=-1, descending=True)
+        scores = (u * decoder_norms).pow(2)
+        if cap is not None and cap < u.shape[-1]:
+            top_scores, order = scores.topk(cap, dim=-1)
+            cumulative = top_scores.cumsum(dim=-1)
+            if bool((cumulative[..., -1].sqrt() >= target_norm).all()):
+                return (cumulative.sqrt() - target_norm.unsqueeze(-1)).abs().argmin(dim=-1) + 1, order
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
         cumulative = sorted_scores.cumsum(dim=-1)
         cumulative[..., -1] = float("inf")
         k = (cumulative.sqrt() - target_norm.unsqueeze(-1)).abs().argmin(dim=-1) + 1
     return k, order
 
 
-def afa_select(u: torch.Tensor, decoder_norms: torch.Tensor, target_norm: torch.Tensor) -> AFASelection:
+def afa_select(
+    u: torch.Tensor, decoder_norms: torch.Tensor, target_norm: torch.Tensor, cap: int | None = None
+) -> AFASelection:
     """The dense code (u on each token's top k* latents, see afa_k) and k*. The mask carries no gradient; u's
     kept entries do."""
-    k, order = afa_k(u, decoder_norms, target_norm)
-    keep_sorted = torch.arange(u.shape[-1], device=u.device) < k.unsqueeze(-1)
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    k, order = afa_k(u, decoder_norms, target_norm, cap)
+    keep_ranked = torch.arange(order.shape[-1], device=u.device) < k.unsqueeze(-1)
+    keep = torch.zeros_like(u, dtype=torch.bool).scatter(-1, order, keep_ranked)
     return AFASelection(u * keep, k)
 
 
-def afa_layout(u: torch.Tensor, decoder_norms: torch.Tensor, target_norm: torch.Tensor) -> SparseLayout:
+def afa_layout(
+    u: torch.Tensor, decoder_norms: torch.Tensor, target_norm: torch.Tensor, cap: int | None = None
+) -> SparseLayout:
     """The entries afa_select keeps, as a layout (each token's top k* latents)."""
-    k, order = afa_k(u, decoder_norms, target_norm)
-    rows, ranks = (torch.arange(u.shape[-1], device=u.device) < k.unsqueeze(-1)).nonzero(as_tuple=True)
+    k, order = afa_k(u, decoder_norms, target_norm, cap)
+    rows, ranks = (torch.arange(order.shape[-1], device=u.device) < k.unsqueeze(-1)).nonzero(as_tuple=True)
     return SparseLayout.from_rows(rows, order[rows, ranks], *u.shape)
 
 
@@ -155,6 +173,11 @@ class TopAFASAE(TopKSAE):
         -> [batch] (detached; it only picks k*)."""
         return (x_n - self.b_dec).detach().norm(dim=-1) * self.sparsity_coef()
 
+    @property
+    def rank_cap(self) -> int:
+        """Latents ranked per token before falling back to a full sort (afa_k): 4x the target L0, at least 64."""
+        return max(64, 4 * math.ceil(self.cfg.target_l0))
+
     def encode_pre(self, x_n: torch.Tensor) -> torch.Tensor:
         z = super().encode_pre(x_n)
         self._pending = (weakref.ref(z), self.target_norm(x_n))
@@ -168,7 +191,7 @@ class TopAFASAE(TopKSAE):
 
     def afa_code(self, z: torch.Tensor, target_norm: torch.Tensor) -> AFASelection:
         """z [batch, d_sae], target_norm [batch] -> (code [batch, d_sae], k* [batch])."""
-        return afa_select(z.relu(), self.W_dec.detach().norm(dim=1), target_norm)
+        return afa_select(z.relu(), self.W_dec.detach().norm(dim=1), target_norm, self.rank_cap)
 
     def _pending_norm(self, z: torch.Tensor) -> torch.Tensor:
         """||x_n - b_dec|| [batch] remembered by the `encode_pre` call that returned z."""
@@ -186,7 +209,7 @@ class TopAFASAE(TopKSAE):
 
     def sparse_encode(self, z: torch.Tensor, ctx: StepContext | None = None) -> SparseCode:
         """z [batch, d_sae] (the latest `encode_pre` output) -> each token's top k* latents as a SparseCode."""
-        layout = afa_layout(z.detach().relu(), self.W_dec.detach().norm(dim=1), self._pending_norm(z))
+        layout = afa_layout(z.detach().relu(), self.W_dec.detach().norm(dim=1), self._pending_norm(z), self.rank_cap)
         return SparseCode(layout, self.values_at(z[layout.rows, layout.indices], layout, ctx))
 
     def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
@@ -196,7 +219,7 @@ class TopAFASAE(TopKSAE):
     def training_selection(self, encoder: EncoderPass, ctx: StepContext) -> SparseLayout:
         """Each token's top k* latents, k* matching ||x_n - b_dec|| (afa_k)."""
         u = encoder.z.relu()
-        return afa_layout(u, self.W_dec.detach().norm(dim=1), self.target_norm(encoder.x_n))
+        return afa_layout(u, self.W_dec.detach().norm(dim=1), self.target_norm(encoder.x_n), self.rank_cap)
 
     def code_losses(self, encoder, x_n, code, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
         """AuxK (from TopKSAE) and afa_coef * mean_B (||a|| - ||x_n||)^2."""
