@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from collections.abc import Sequence
 
 from saelab.config import (
@@ -123,7 +124,7 @@ def _command(commands, name: str, config_cls: type, handler, help: str, descript
 
 def build_parser() -> argparse.ArgumentParser:
     """The `saelab` parser: one subparser per command, flags from its dataclass config."""
-    parser = argparse.ArgumentParser(prog="saelab", description="Sparse-autoencoder interpretability toolkit.")
+    parser = _Parser(prog="saelab", description="Sparse-autoencoder interpretability toolkit.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     _command(
@@ -219,10 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one sentence (a SaelabError, exit status 2 in `main`), not usage + error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise SaelabError(f"{message[0].upper()}{message[1:]}. See `{self.prog} --help`.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; SaelabError -> its sentence on stderr and exit status 2, Ctrl-C -> 130."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.run(args)
     except SaelabError as exc:
         print(f"saelab: error: {exc}", file=sys.stderr)

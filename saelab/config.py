@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,51 +20,110 @@ from typing import Any, TypeVar
 
 import yaml
 
+from saelab.devices import check_device
 from saelab.errors import SaelabError
 
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with CLI help text. Lists get a fresh copy per instance."""
+def option(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with CLI help text and the checks its values must pass (see `Section`):
+    choices=(...), min= / max= (inclusive), above= (exclusive), check=callable raising SaelabError. For a list
+    option they apply to every element. Lists get a fresh copy per instance."""
+    unknown = set(checks) - _CHECKS
+    if unknown:
+        raise TypeError(f"unknown option checks {sorted(unknown)}")
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
+        return field(default_factory=lambda: list(default), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+_CHECKS = {"choices", "min", "max", "above", "check"}
+
+
+def _checked_value(name: str, tp: Any, value: Any, checks: dict[str, Any]) -> Any:
+    """`value` of option `name` converted to `tp` (int -> float only) and checked; a SaelabError otherwise."""
+    flag = "--" + name.replace("_", "-")
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list | tuple):
+            raise SaelabError(f"{flag} takes a list of values (in a config file: [a, b]); got {value!r}.")
+        return [_checked_value(name, typing.get_args(tp)[0], item, checks) for item in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SaelabError(f"{flag} is true or false; got {value!r}.")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SaelabError(f"{flag} takes a whole number; got {value!r}.")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise SaelabError(f"{flag} takes a finite number; got {value!r}.")
+        value = float(value)
+    elif tp is str and not isinstance(value, str):
+        raise SaelabError(f"{flag} takes text; got {value!r}.")
+    if "choices" in checks and value not in checks["choices"]:
+        raise SaelabError(f"{flag} is one of {', '.join(map(str, checks['choices']))}; got {value!r}.")
+    if "min" in checks and value < checks["min"]:
+        raise SaelabError(f"{flag} must be at least {checks['min']}; got {value!r}.")
+    if "max" in checks and value > checks["max"]:
+        raise SaelabError(f"{flag} must be at most {checks['max']}; got {value!r}.")
+    if "above" in checks and not value > checks["above"]:
+        raise SaelabError(f"{flag} must be greater than {checks['above']}; got {value!r}.")
+    if "check" in checks:
+        checks["check"](value)
+    return value
+
+
+class Section:
+    """Base of every config section: each field is converted and checked (type, then its option checks) when
+    the section is built, from flags, a config file or Python, so a bad value fails with one sentence before any
+    model loads."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            checks = {k: v for k, v in f.metadata.items() if k in _CHECKS}
+            value = _checked_value(f.name, _unwrap_optional(hints[f.name]), getattr(self, f.name), checks)
+            setattr(self, f.name, value)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     model: str = option(
         "smollm2-135m",
         "Model to load: 'smollm2-135m' (embedded default), 'minilm-l6', 'tiny-native', "
         "a local HF model directory, or an HF hub id (needs internet or a local HF cache).",
     )
-    device: str = option("cpu", "Torch device for the model, e.g. 'cpu' or 'cuda'.")
-    model_dtype: str = option("float32", "Model weights dtype: float32, bfloat16 or float16.")
+    device: str = option(
+        "cpu", "Torch device for the model (and, in `saelab train`, the SAEs): 'cpu', 'cuda', 'cuda:N' or 'mps'.",
+        check=check_device,
+    )
+    model_dtype: str = option(
+        "float32", "Model weights dtype: float32, bfloat16 or float16.", choices=("float32", "bfloat16", "float16")
+    )
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     corpus: str = option(
         "embedded",
         "Text source: 'embedded' (KJV + Python docs, shipped by installed packages), 'kjv', "
         "'python-docs', a local .txt/.jsonl/.json/.csv/.parquet file or folder, or an HF dataset name.",
     )
-    context_length: int = option(128, "Tokens per context; each context starts with BOS.")
+    context_length: int = option(128, "Tokens per context; each context starts with BOS.", min=2)
     seed: int = option(0, "Seed for document shuffling (and anything else random).")
     text_column: str = option("text", "Column holding the text in jsonl/csv/parquet/HF datasets.")
     split: str = option("train", "Dataset split to read (HF datasets and local files).")
 
 
 @dataclass
-class HarvestConfig:
+class HarvestConfig(Section):
     hooks: list[str] = option(
         ["blocks.15.hook_resid_pre"],
         "Hook names to harvest in one forward pass, e.g. blocks.6.hook_resid_post, blocks.6.hook_mlp_out, "
         "blocks.6.hook_attn_out, blocks.6.attn.hook_z (flattened to n_heads*d_head). "
         "`saelab hooks --model M` lists them.",
     )
-    batch_contexts: int = option(16, "Contexts per model forward pass.")
+    batch_contexts: int = option(16, "Contexts per model forward pass.", min=1)
     with_grads: bool = option(
         False, "Also store d(sum of next-token cross-entropy)/d(activation) per token (for g-SAE)."
     )
@@ -73,12 +133,14 @@ class HarvestConfig:
 
 
 @dataclass
-class CacheConfig:
+class CacheConfig(Section):
     out: str = option("runs/cache", "Output folder for shards and manifest.json.")
-    n_tokens: int = option(200_000, "Tokens to run through the model (contexts x context_length, rounded up).")
-    storage_dtype: str = option("float32", "On-disk activation dtype: float32, bfloat16 or float16.")
+    n_tokens: int = option(200_000, "Tokens to run through the model (contexts x context_length, rounded up).", min=1)
+    storage_dtype: str = option(
+        "float32", "On-disk activation dtype: float32, bfloat16 or float16.", choices=("float32", "bfloat16", "float16")
+    )
     shard_tokens: int = option(
-        65_536, "Tokens per shard (rounded to whole contexts); the unit of resumption (150 MB at d=576 fp32)."
+        65_536, "Tokens per shard (rounded to whole contexts); the unit of resumption (150 MB at d=576 fp32).", min=1,
     )
     overwrite: bool = option(False, "Delete an existing cache in --out that was built with other settings.")
 
@@ -165,6 +227,8 @@ def from_dict(command_cls: type[T], data: dict[str, Any]) -> T:
     for section, values in data.items():
         if section not in sections:
             raise SaelabError(f"Unknown config section '{section}'. Known sections: {', '.join(sections)}.")
+        if values is not None and not isinstance(values, dict):
+            raise SaelabError(f"Config section '{section}' must map option names to values; got {values!r}.")
         section_cls = sections[section]
         known = {f.name for f in dataclasses.fields(section_cls)}
         unknown = set(values or {}) - known
@@ -201,76 +265,93 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 @dataclass
-class SAEConfig:
+class SAEConfig(Section):
     architecture: str = option(
         "topk",
         "SAE variant: relu (L1), topk, batchtopk, abstopk, jumprelu, gsae, choice (feature/mutual choice), "
         "topafa, threshold (soft/hard/half/lq/cel0).",
     )
-    expansion: int = option(16, "d_sae = expansion x d_in, unless --d-sae is given.")
-    d_sae: int = option(0, "Number of latents; 0 means expansion x d_in.")
+    expansion: int = option(16, "d_sae = expansion x d_in, unless --d-sae is given.", min=1)
+    d_sae: int = option(0, "Number of latents; 0 means expansion x d_in.", min=0)
     target_l0: float = option(
         32.0,
         "Active latents per token that every architecture trains toward: the top-k family's k; for relu, jumprelu, "
         "threshold and topafa the target of a controller on their sparsity coefficient (when that is left at 0).",
+        above=0,
     )
-    k: int = option(0, "Top-k family (topk, batchtopk, abstopk, gsae, choice): active latents per token; 0 means --target-l0.")
+    k: int = option(
+        0, "Top-k family (topk, batchtopk, abstopk, gsae, choice): active latents per token; 0 means --target-l0.",
+        min=0,
+    )
     l0_control_rate: float = option(
-        0.05, "Step of the log sparsity coefficient per training step at the largest L0 error (controller variants)."
+        0.05, "Step of the log sparsity coefficient per training step at the largest L0 error (controller variants).",
+        above=0,
     )
     pre_enc_bias: bool = option(True, "Subtract b_dec from the input before encoding (SAELens apply_b_dec_to_input).")
     input_norm: str = option(
         "constant",
         "Input normalisation: none; constant (scale so E||x|| = sqrt(d_in), folded into the saved weights); "
-        "layernorm (per token, undone after decoding; stored with the SAE).",
+        "layernorm (per token, undone after decoding; stored with the SAE).", choices=("none", "constant", "layernorm"),
     )
     mse_reduction: str = option(
-        "sum", "Reconstruction loss over d_in: sum (SAELens, Anthropic) or mean (OpenAI, BatchTopK)."
+        "sum", "Reconstruction loss over d_in: sum (SAELens, Anthropic) or mean (OpenAI, BatchTopK).",
+        choices=("sum", "mean"),
     )
 
 
 @dataclass
-class AuxConfig:
-    k_aux: int = option(512, "AuxK: top-k_aux dead latents reconstruct the residual; 0 means d_in // 2.")
-    aux_coef: float = option(1 / 32, "AuxK loss coefficient (OpenAI: 1/32).")
+class AuxConfig(Section):
+    k_aux: int = option(512, "AuxK: top-k_aux dead latents reconstruct the residual; 0 means d_in // 2.", min=0)
+    aux_coef: float = option(1 / 32, "AuxK loss coefficient (OpenAI: 1/32).", min=0)
     dead_tokens: int = option(
-        1_000_000, "A latent is dead after this many tokens without firing (about 2000x a k/d_sae latent's mean gap)."
+        1_000_000, "A latent is dead after this many tokens without firing (about 2000x a k/d_sae latent's mean gap).",
+        min=1,
     )
 
 
 @dataclass
-class TopKConfig:
+class TopKConfig(Section):
     rescale_by_decoder_norm: bool = option(
         True, "Select latents by z_i * ||d_i|| (SAELens), so decoder-norm drift cannot change the selection."
     )
     threshold_rate: float = option(
         0.01,
         "EMA rate of the inference threshold of batch-level variants (batchtopk, mutual/feature choice), and of "
-        "choice's running firing frequencies.",
+        "choice's running firing frequencies.", above=0, max=1,
     )
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     cache: str = option(
         "runs/cache",
         "Activation cache to train from; built first from --model/--corpus/--hooks if it does not exist (resumable). "
         "'none' harvests live with a shuffle buffer instead (nothing written; resuming replays the harvest).",
     )
-    cache_tokens: int = option(500_000, "Tokens to harvest when building the cache (training loops over it).")
+    cache_tokens: int = option(500_000, "Tokens to harvest when building the cache (training loops over it).", min=1)
     out: str = option("runs/sae", "Output folder: one subfolder per trained SAE, plus logs and checkpoints.")
-    train_tokens: int = option(1_000_000, "Tokens to train on (per SAE).")
-    batch_size: int = option(4096, "Tokens per optimiser step.")
-    lr: float = option(0.0, "Adam learning rate; 0 means the variant's default (top-k family: 5e-4 * (d_sae / 2^14)^-0.5).")
-    init_tokens: int = option(65_536, "Tokens sampled before training for the input scale and the b_dec init.")
-    adam_beta1: float = option(0.9, "Adam beta1.")
-    adam_beta2: float = option(0.999, "Adam beta2.")
-    lr_warmup_steps: int = option(20, "Linear learning-rate warmup steps.")
-    lr_decay_fraction: float = option(0.2, "Decay the learning rate linearly to 0 over this final fraction of steps.")
-    grad_clip: float = option(1.0, "Clip the gradient norm to this (0 disables).")
-    buffer_tokens: int = option(262_144, "Shuffle-buffer size for live harvesting (tokens).")
-    log_every: int = option(50, "Log metrics (JSONL) every N steps.")
-    checkpoint_every: int = option(500, "Write a resumable checkpoint every N steps.")
+    train_tokens: int = option(1_000_000, "Tokens to train on (per SAE).", min=1)
+    batch_size: int = option(4096, "Tokens per optimiser step.", min=1)
+    lr: float = option(
+        0.0, "Adam learning rate; 0 means the variant's default (top-k family: 5e-4 * (d_sae / 2^14)^-0.5).", min=0
+    )
+    init_tokens: int = option(65_536, "Tokens sampled before training for the input scale and the b_dec init.", min=1)
+    adam_beta1: float = option(0.9, "Adam beta1.", min=0, max=0.9999)
+    adam_beta2: float = option(0.999, "Adam beta2.", min=0, max=0.99999)
+    lr_warmup_steps: int = option(20, "Linear learning-rate warmup steps.", min=0)
+    lr_decay_fraction: float = option(
+        0.2, "Decay the learning rate linearly to 0 over this final fraction of steps.", min=0, max=1
+    )
+    grad_clip: float = option(1.0, "Clip the gradient norm to this (0 disables).", min=0)
+    precision: str = option(
+        "auto",
+        "SAE training precision: bf16 (bfloat16 autocast for the encoder matmul; float32 weights, Adam state, "
+        "decoder and losses), fp32, or auto (bf16 on CUDA, fp32 on CPU).",
+        choices=("auto", "bf16", "fp32"),
+    )
+    buffer_tokens: int = option(262_144, "Shuffle-buffer size for live harvesting (tokens).", min=1)
+    log_every: int = option(50, "Log metrics (JSONL) every N steps.", min=1)
+    checkpoint_every: int = option(500, "Write a resumable checkpoint every N steps.", min=1)
     resume: bool = option(False, "Continue from the checkpoint in --out (same config), to the same result.")
     sweep: list[str] = option(
         [],
@@ -292,71 +373,92 @@ class TrainConfig:
 
 
 @dataclass
-class L1Config:
-    l1_coef: float = option(0.0, "L1 sparsity coefficient (relu); 0: adapted to reach --target-l0.")
-    l1_warmup_fraction: float = option(0.05, "Warm a given --l1-coef up linearly over this fraction of steps.")
+class L1Config(Section):
+    l1_coef: float = option(0.0, "L1 sparsity coefficient (relu); 0: adapted to reach --target-l0.", min=0)
+    l1_warmup_fraction: float = option(
+        0.05, "Warm a given --l1-coef up linearly over this fraction of steps.", min=0, max=1
+    )
     decoder_norm: str = option(
         "unit",
         "relu decoder: unit (2023: unit-norm rows; MMCS 0.999 / FVU 0.16 on a planted dictionary at L0 6) or "
         "weighted (2024: L1 of a_i*||d_i||, free decoder from norm 0.1; MMCS 0.90 / FVU 0.38 in the same 1500 steps).",
     )
-    decoder_init_norm: float = option(0.1, "Initial decoder row norm for the weighted form.")
+    decoder_init_norm: float = option(0.1, "Initial decoder row norm for the weighted form.", above=0)
     b_dec_init: str = option(
         "geomedian", "b_dec initialisation: geomedian (geometric median of a sample) or zero (the 2024 recipe)."
     )
-    resample_steps: list[int] = option([], "Steps at which to resample dead latents (2023 form), e.g. 25000 50000.")
-    resample_scale: float = option(0.2, "Resampled encoder rows get this times the mean alive encoder norm.")
+    resample_steps: list[int] = option(
+        [], "Steps at which to resample dead latents (2023 form), e.g. 25000 50000.", min=1
+    )
+    resample_scale: float = option(0.2, "Resampled encoder rows get this times the mean alive encoder norm.", min=0)
 
 
 @dataclass
-class JumpReLUConfig:
+class JumpReLUConfig(Section):
     l0_coef: float = option(
-        1.0, "JumpReLU sparsity coefficient, in units of d_in / --target-l0 (an average active latent's share of ||x||^2)."
+        1.0, "JumpReLU sparsity coefficient, in units of d_in / --target-l0 (an average active latent's share"
+        " of ||x||^2).",
+        min=0,
     )
     threshold_scale: float = option(
-        0.0, "Factor on every threshold; 0: adapted each step so that the L0 reaches --target-l0 (1 once saved)."
+        0.0, "Factor on every threshold; 0: adapted each step so that the L0 reaches --target-l0 (1 once saved).",
+        min=0,
     )
-    theta_init: float = option(0.0, "Initial threshold; 0: each latent's quantile that gives --target-l0 at the start.")
-    bandwidth: float = option(0.05, "Straight-through estimator bandwidth epsilon, in units of z (match it to the input scale).")
+    theta_init: float = option(
+        0.0, "Initial threshold; 0: each latent's quantile that gives --target-l0 at the start.", min=0
+    )
+    bandwidth: float = option(
+        0.05, "Straight-through estimator bandwidth epsilon, in units of z (match it to the input scale).", above=0
+    )
     sparsity_mode: str = option(
         "step", "step (L0 via the STE), tanh (Anthropic 2025) or target (lambda * (L0 / --target-l0 - 1)^2)."
     )
-    tanh_c: float = option(4.0, "tanh mode: sum_i tanh(c * a_i * ||d_i||).")
-    preact_coef: float = option(3e-6, "tanh mode: pre-activation loss on latents below threshold.")
-    jumprelu_warmup_fraction: float = option(0.1, "Warm a given --l0-coef up over this fraction of steps.")
+    tanh_c: float = option(4.0, "tanh mode: sum_i tanh(c * a_i * ||d_i||).", above=0)
+    preact_coef: float = option(3e-6, "tanh mode: pre-activation loss on latents below threshold.", min=0)
+    jumprelu_warmup_fraction: float = option(
+        0.1, "Warm a given --l0-coef up over this fraction of steps.", min=0, max=1
+    )
 
 
 @dataclass
-class GSAEConfig:
+class GSAEConfig(Section):
     gsae_beta: float = option(
-        1.0, "g-SAE: select by z * (1 + beta * |d_i . g|) in training; beta = 0 is TopK, and inference is TopK."
+        1.0, "g-SAE: select by z * (1 + beta * |d_i . g|) in training; beta = 0 is TopK, and inference is TopK.", min=0,
     )
 
 
 @dataclass
-class ChoiceConfig:
-    choice_mode: str = option("mutual", "mutual (top k*B of the batch) or feature (each latent takes its top m tokens).")
+class ChoiceConfig(Section):
+    choice_mode: str = option(
+        "mutual", "mutual (top k*B of the batch) or feature (each latent takes its top m tokens).",
+        choices=("mutual", "feature"),
+    )
     zipf_alpha: float = option(
-        0.0, "Zipf exponent of feature-choice capacities and of the aux_zipf target frequencies; 0 means equal."
+        0.0, "Zipf exponent of feature-choice capacities and of the aux_zipf target frequencies; 0 means equal.", min=0,
     )
-    zipf_beta: float = option(1.0, "Zipf rank offset: p(r) ~ (r + beta)^-alpha (capacities and aux_zipf target).")
-    zipf_coef: float = option(1 / 32, "aux_zipf loss coefficient for under-used latents.")
+    zipf_beta: float = option(
+        1.0, "Zipf rank offset: p(r) ~ (r + beta)^-alpha (capacities and aux_zipf target).", min=0
+    )
+    zipf_coef: float = option(1 / 32, "aux_zipf loss coefficient for under-used latents.", min=0)
 
 
 @dataclass
-class AFAConfig:
-    afa_coef: float = option(1 / 16, "top-AFA: weight of mean (||a|| - ||x||)^2.")
+class AFAConfig(Section):
+    afa_coef: float = option(1 / 16, "top-AFA: weight of mean (||a|| - ||x||)^2.", min=0)
     afa_norm_scale: float = option(
-        0.0, "top-AFA: k* matches the code norm to this times ||x - b_dec||; 0: adapted so the mean k* is --target-l0."
+        0.0, "top-AFA: k* matches the code norm to this times ||x - b_dec||; 0: adapted so the mean k* is --target-l0.",
+        min=0,
     )
 
 
 @dataclass
-class ThresholdConfig:
+class ThresholdConfig(Section):
     threshold_family: str = option("soft", "Thresholding operator: soft, hard, half, lq or cel0.")
-    threshold_lambda: float = option(0.0, "Penalty weight lambda of the operator; 0: adapted to reach --target-l0.")
-    threshold_gamma: float = option(0.01, "Step gamma (t = lambda * gamma); CEL0 needs gamma * ||d_i||^2 < 1.")
-    threshold_q: float = option(0.5, "Exponent q of the lq family (0 < q < 1).")
+    threshold_lambda: float = option(
+        0.0, "Penalty weight lambda of the operator; 0: adapted to reach --target-l0.", min=0
+    )
+    threshold_gamma: float = option(0.01, "Step gamma (t = lambda * gamma); CEL0 needs gamma * ||d_i||^2 < 1.", above=0)
+    threshold_q: float = option(0.5, "Exponent q of the lq family (0 < q < 1).", above=0)
 
 
 SAE_SECTIONS = {
@@ -395,19 +497,21 @@ class TrainCommand:
 
 
 @dataclass
-class DeadConfig:
+class DeadConfig(Section):
     sae: str = option("", "Saved SAE folder from `saelab train` (it holds latent_history.safetensors); or --run.")
     out: str = option("", "Folder for dead_report.html and dead.json; empty: the --sae folder.")
-    dead_tokens: int = option(0, "Dead after this many tokens without firing; 0: the run's training threshold.")
-    dense_threshold: float = option(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
+    dead_tokens: int = option(0, "Dead after this many tokens without firing; 0: the run's training threshold.", min=0)
+    dense_threshold: float = option(
+        0.1, "A latent firing on more than this fraction of tokens counts as dense.", above=0, max=1
+    )
     density_fraction: float = option(
-        0.2, "Final densities (dense / ultra-low) are measured over this last fraction of training."
+        0.2, "Final densities (dense / ultra-low) are measured over this last fraction of training.", above=0, max=1,
     )
     timeline_latents: int = option(
-        300, "At most this many latents (evenly spread by death time) in the per-latent timeline."
+        300, "At most this many latents (evenly spread by death time) in the per-latent timeline.", min=0,
     )
     cache: str = option("", "Activation cache for the mean activation direction (optional; b_dec is always compared).")
-    mean_tokens: int = option(65_536, "Tokens of --cache averaged for the mean activation.")
+    mean_tokens: int = option(65_536, "Tokens of --cache averaged for the mean activation.", min=1)
 
 
 @dataclass
@@ -432,7 +536,7 @@ class SAEModelConfig(ModelConfig):
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     sae: list[str] = option(
         [], "SAE folders to evaluate in one pass over the text (saelab or SAELens format; one model, any hooks)."
     )
@@ -440,22 +544,27 @@ class EvalConfig:
         32_768,
         "Tokens of text to evaluate on (contexts x context_length, rounded up). A batch costs 3 model forwards per "
         "hook (clean, zero- and mean-ablated) plus 1 per SAE: on a 2-core CPU one SAE on SmolLM2 takes ~4 min for "
-        "32k tokens. On a GPU use 1M (SAELens' scale).",
+        "32k tokens. On a GPU use 1M (SAELens' scale).", min=1,
     )
-    batch_contexts: int = option(8, "Contexts per model forward pass.")
+    batch_contexts: int = option(8, "Contexts per model forward pass.", min=1)
     skip_contexts: int = option(
         -1,
         "Contexts of the text stream to skip before evaluating. -1: the SAEs' training contexts when their metadata "
-        "records training on this --corpus/--seed/--context-length (held-out text), else 0 (with a note).",
+        "records training on this --corpus/--seed/--context-length (held-out text), else 0 (with a note).", min=-1,
     )
     mean_tokens: int = option(
-        16_384, "Tokens from the start of the evaluation text whose mean activation is the mean-ablation baseline (0: all)."
+        16_384, "Tokens from the start of the evaluation text whose mean activation is the mean-ablation"
+        " baseline (0: all).",
+        min=1,
     )
-    dense_threshold: float = option(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
+    dense_threshold: float = option(
+        0.1, "A latent firing on more than this fraction of tokens counts as dense.", above=0, max=1
+    )
     skip_positions: int = option(
         0,
         "Leave positions below this unspliced and uncounted (all metrics, downstream included). The massive "
         "first-after-BOS tokens that used to make early positions dominate FVU are now handled by --outlier-norm.",
+        min=0,
     )
     outlier_norm: float = option(
         3.0,
@@ -465,20 +574,21 @@ class EvalConfig:
         "under reconstruction.all_tokens. They stay spliced downstream and counted in L0. 0: keep every token. In "
         "SmolLM2-135M's blocks.15.hook_resid_pre ~4%% of first-after-BOS tokens reach 3.5-180x the median norm "
         "(ordinary tokens stay below 2.9x): 0.04%% of tokens holding ~75%% of the variance, so FVU over all tokens "
-        "moved 2x between 16k and 32k tokens.",
+        "moved 2x between 16k and 32k tokens.", min=0,
     )
     bootstrap_resamples: int = option(
         1000,
         "Resamples of the evaluation contexts (with replacement) for each metric's bootstrap interval, the 2.5th to "
         "97.5th percentile of the resampled metric (<metric>_ci in the JSON, its half-width as +- in the table). "
-        "0: no intervals.",
+        "0: no intervals.", min=0,
     )
     bootstrap_seed: int = option(0, "Seed of the bootstrap resampling.")
     downstream: bool = option(
         True, "Splice reconstructions into the model for CE loss recovered and KL (--no-downstream: no extra forwards)."
     )
     out: str = option(
-        "", "JSON file to write; empty: eval.json in each SAE folder. With several SAEs it holds {'evaluations': [...]}."
+        "", "JSON file to write; empty: eval.json in each SAE folder. With several SAEs it holds"
+        " {'evaluations': [...]}."
     )
 
 
@@ -495,37 +605,39 @@ class EvalCommand:
 
 
 @dataclass
-class DarkMatterConfig:
-    sae: list[str] = option([], "SAE folders to analyse in the same passes, all of one hook (saelab or SAELens format).")
+class DarkMatterConfig(Section):
+    sae: list[str] = option(
+        [], "SAE folders to analyse in the same passes, all of one hook (saelab or SAELens format)."
+    )
     cache: str = option("runs/cache", "Activation cache holding the SAEs' hook; W* is fitted on its first tokens.")
     eval_cache: str = option(
         "", "Cache to evaluate on (held-out text); empty: the contexts of --cache after the fit tokens."
     )
     fit_tokens: int = option(
         150_000, "Tokens to fit the linear maps on (the paper's 150k). Without --eval-cache, --cache must hold "
-        "--fit-tokens + --eval-tokens; with it, each is capped by its cache's size."
+        "--fit-tokens + --eval-tokens; with it, each is capped by its cache's size.", min=1,
     )
-    eval_tokens: int = option(150_000, "Held-out tokens to evaluate on.")
+    eval_tokens: int = option(150_000, "Held-out tokens to evaluate on.", min=1)
     skip_positions: int = option(
         16,
         "Drop tokens at context positions below this (and keep them clean downstream): early positions carry "
         "outlier activations (attention sinks) that dominate squared errors. The paper drops < 200 of 1024-token "
-        "contexts; 16 of our default 128 drops the worst and keeps 7/8 of the tokens.",
+        "contexts; 16 of our default 128 drops the worst and keeps 7/8 of the tokens.", min=0,
     )
     intercept: bool = option(False, "Fit the linear error as x W + b instead of x W (the paper uses no intercept).")
     rcond: float = option(
         1e-12,
         "Least-squares cutoff on the eigenvalues of X^T X relative to the largest (1e-12 = singular values of X "
-        "below 1e-6 of the largest, the float32 resolution; the paper's lstsq on X uses rcond 1e-9).",
+        "below 1e-6 of the largest, the float32 resolution; the paper's lstsq on X uses rcond 1e-9).", above=0,
     )
-    batch_tokens: int = option(8192, "Tokens per batch read from the cache.")
+    batch_tokens: int = option(8192, "Tokens per batch read from the cache.", min=1)
     downstream: bool = option(
         False,
         "Also measure next-token CE with x_hat, x_hat + linear error and x_hat + nonlinear error spliced into the "
         "model (loads it; runs 3 forwards per SAE on text after the cache's contexts).",
     )
-    downstream_tokens: int = option(32_768, "Tokens of text for the downstream CE.")
-    device: str = option("cpu", "Torch device for the SAEs, the least squares and the model.")
+    downstream_tokens: int = option(32_768, "Tokens of text for the downstream CE.", min=1)
+    device: str = option("cpu", "Torch device for the SAEs, the least squares and the model.", check=check_device)
     out: str = option("runs/darkmatter", "Folder for darkmatter.json and darkmatter.html.")
 
 
@@ -540,14 +652,14 @@ class DarkMatterCommand:
 
 
 @dataclass
-class DashboardConfig:
+class DashboardConfig(Section):
     sae: str = option("", "SAE folder to build the dashboard for (saelab or SAELens format).")
     cache: str = option("runs/cache", "Activation cache holding the SAE's hook; examples come from its tokens.")
-    n_features: int = option(0, "Only the first N latents (0: all of them).")
-    features: list[int] = option([], "Only these latent ids, e.g. 3 17 4096 (overrides --n-features).")
-    n_tokens: int = option(0, "Tokens of the cache to scan for examples and densities (0: all of them).")
-    top_k: int = option(20, "Top-activating examples shown per latent.")
-    quantile_examples: int = option(5, "Examples per activation-quantile bin.")
+    n_features: int = option(0, "Only the first N latents (0: all of them).", min=0)
+    features: list[int] = option([], "Only these latent ids, e.g. 3 17 4096 (overrides --n-features).", min=0)
+    n_tokens: int = option(0, "Tokens of the cache to scan for examples and densities (0: all of them).", min=0)
+    top_k: int = option(20, "Top-activating examples shown per latent.", min=1)
+    quantile_examples: int = option(5, "Examples per activation-quantile bin.", min=0)
     out: str = option("", "Folder for the static site (index.html, feature.html, data/); empty: <sae>/dashboard.")
 
 
@@ -563,21 +675,21 @@ class DashboardCommand:
 
 
 @dataclass
-class SteerConfig:
+class SteerConfig(Section):
     sae: str = option("", "SAE folder whose latents steer the model (saelab or SAELens format).")
-    feature: list[int] = option([], "Latent id(s) to steer with, e.g. 1234, or 1234 87 (all at once).")
+    feature: list[int] = option([], "Latent id(s) to steer with, e.g. 1234, or 1234 87 (all at once).", min=0)
     alpha: list[float] = option(
         [8.0],
         "Strength, in units of the latent's activation: add alpha * d_i (--mode add; negative subtracts), clamp the "
         "latents to alpha keeping the SAE error (clamp; 0 ablates), or keep alpha times the component along the "
         "directions (project; 0 removes it). Several values print a sweep table.",
     )
-    mode: str = option("add", "add, clamp or project.")
+    mode: str = option("add", "add, clamp or project.", choices=("add", "clamp", "project"))
     prompt: str = option("In the beginning", "Prompt to complete (BOS is prepended).")
     positions: str = option("all", "Where to steer: all, prompt, generated, or a position p (p and later).")
-    max_new_tokens: int = option(32, "Tokens to generate per completion.")
-    temperature: float = option(0.0, "0: greedy decoding; above 0: sampling at this temperature (seeded).")
-    n: int = option(1, "Completions per setting (differ only when sampling).")
+    max_new_tokens: int = option(32, "Tokens to generate per completion.", min=0)
+    temperature: float = option(0.0, "0: greedy decoding; above 0: sampling at this temperature (seeded).", min=0)
+    n: int = option(1, "Completions per setting (differ only when sampling).", min=1)
     seed: int = option(0, "Sampling seed (the same for baseline and steered runs).")
     reference: str = option(
         "", "Text whose next-token loss is reported with and without steering; empty: the prompt."

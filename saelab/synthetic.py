@@ -102,6 +102,8 @@ def train_planted(sae, data: PlantedDictionary, steps: int, batch: int = 1024, d
             out = train_step(sae, optimizer, x_n, StepContext(dead=since_fired >= dead_tokens, grads=g), 1.0)
             since_fired += batch
             since_fired[out.code.firing_counts() > 0] = 0
+        if sae.calibrates_inference:
+            sae.calibrate_inference(sae.normalize(sample)[0])
     finally:
         torch.set_num_threads(threads)
     return sae

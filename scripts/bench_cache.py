@@ -1,6 +1,7 @@
 """Benchmark the activation cache: harvest overhead and shuffled read throughput.
 
     python scripts/bench_cache.py [--rounds 5] [--read-gb 1.0]
+    python scripts/bench_cache.py --feed [--cache runs/cache] [--steps 200] [--device cpu]
 
 1. Harvest (embedded SmolLM2, fp32, CPU): tokens/s of saelab's ActivationSource (forward with hooks,
    flatten, drop special positions, copy out) vs the bare bridge forward to the same layer with no hooks,
@@ -9,6 +10,11 @@
 2. Read: a cache of ~read-gb GB (d=576 fp32, written from a 1-layer model: content does not matter for
    I/O) read as shuffled batches of 4096 tokens, vs a raw sequential read of the same files (best of
    several buffer sizes). Both run on a warm page cache, as in training after the first epoch.
+3. Feed (--feed, instead of 1 and 2): a TopK SAE trained for --steps steps from a cache (--cache, read-only; by
+   default a d=576 cache of --feed-tokens built in a temporary folder) exactly as the trainer steps it (`Run`),
+   reading the batches from the plain CacheStream iterator and through the trainer's Prefetcher, in interleaved
+   rounds (each round a fresh SAE on the same batches, warm page cache). Reports steps/s and the share of wall time
+   the loop spent blocked waiting for the next batch.
 
 Prints a markdown table for BENCHMARKS.md. Re-executes itself with glibc's trim/mmap thresholds raised,
 so timings do not swing with the allocator returning large buffers to the OS.
@@ -35,9 +41,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from saelab.activations import ActivationCache, ActivationSource, build_cache
-from saelab.config import CacheCommand, CacheConfig, DataConfig, HarvestConfig, ModelConfig
+from saelab.config import CacheCommand, CacheConfig, DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainCommand
 from saelab.data import token_contexts
 from saelab.models import load_model, tiny_native_model
+from saelab.train.stream import CacheStream, Prefetcher
+from saelab.train.trainer import Run, plan_runs
 
 
 def timed(fn) -> float:
@@ -113,13 +121,88 @@ def bench_read(folder: Path, gigabytes: float, rounds: int) -> dict[str, float]:
     return {"gb": sum(f.stat().st_size for f in files) / 1e9, **medians}
 
 
+def tiny_cache(folder: Path, n_tokens: int) -> ActivationCache:
+    """A cache of n_tokens at d=576 fp32 from a 1-layer random model (content does not matter for feeding)."""
+    model = tiny_native_model(n_layers=1, d_model=576, n_heads=9, d_mlp=64)
+    config = CacheCommand(
+        model=ModelConfig(model="tiny-native-576"),
+        harvest=HarvestConfig(hooks=["blocks.0.hook_resid_pre"], batch_contexts=64),
+        cache=CacheConfig(out=str(folder / "feed"), n_tokens=n_tokens),
+    )
+    build_cache(config, model=model, progress=False)
+    return ActivationCache(folder / "feed", verify=False)
+
+
+def train_steps(stream: CacheStream, args, prefetch: bool) -> dict[str, float]:
+    """Steps/s and data-wait share of `args.steps` trainer steps of a fresh TopK SAE on the stream's first batches."""
+    hook = stream.hooks[0]
+    cmd = TrainCommand(harvest=HarvestConfig(hooks=[hook]), sae=SAEConfig(architecture="topk", k=args.k,
+                                                                         expansion=args.expansion))
+    device = torch.device(args.device)
+    run = Run(plan_runs(cmd)[0], stream.dims[hook], {}, seed=0, device=device)
+    run.initialize(stream.sample(args.batch_size).to(device))
+    feed = Prefetcher(stream.batches(), device) if prefetch else stream.batches()
+    waited = 0.0
+    start = time.perf_counter()
+    for step in range(args.steps):
+        before = time.perf_counter()
+        batch = next(feed)
+        waited += time.perf_counter() - before
+        run.step(batch, step, args.steps, log=False)  # checks the loss is finite: one device sync per step
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if prefetch:
+        feed.close()
+    return {"steps_per_s": args.steps / seconds, "data_wait": waited / seconds}
+
+
+def bench_feed(args) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="saelab-bench-"))
+    try:
+        cache = ActivationCache(args.cache, verify=False) if args.cache else tiny_cache(folder, args.feed_tokens)
+        stream = CacheStream(cache, cache.hooks[:1], args.batch_size, seed=0, grads=False)
+        raw_read_gbps([cache.path / s["file"] for s in cache.manifest["shards"]], 1 << 20)  # warm the page cache
+        results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+        for _ in range(args.rounds):
+            for prefetch in (False, True):
+                results[prefetch].append(train_steps(stream, args, prefetch))
+        print(f"# bench_cache --feed: {datetime.date.today()}, {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {args.device}")
+        print(f"command: python scripts/bench_cache.py --feed --cache {args.cache or '(temporary)'} --steps "
+              f"{args.steps} --rounds {args.rounds} --batch-size {args.batch_size} --expansion {args.expansion} "
+              f"--k {args.k} --device {args.device}\n")
+        print(f"## Feed: TopK SAE (d={stream.dims[stream.hooks[0]]}, expansion {args.expansion}, k={args.k}), "
+              f"batches of {args.batch_size} from {cache.path} ({cache.n_tokens:,} tokens), median of "
+              f"{args.rounds} interleaved rounds of {args.steps} steps\n")
+        print("| batches from | steps/s | share of wall time waiting for data |")
+        print("|---|---|---|")
+        for prefetch, label in ((False, "CacheStream iterator, in the loop"), (True, "Prefetcher (depth 2)")):
+            rate = statistics.median(r["steps_per_s"] for r in results[prefetch])
+            wait = statistics.median(r["data_wait"] for r in results[prefetch])
+            print(f"| {label} | {rate:.2f} | {100 * wait:.1f}% |")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-contexts", type=int, default=16)
     parser.add_argument("--build-tokens", type=int, default=65_536)
     parser.add_argument("--read-gb", type=float, default=1.0)
+    parser.add_argument("--feed", action="store_true", help="benchmark feeding the training loop (section 3) only")
+    parser.add_argument("--cache", help="--feed: an existing cache to read (first hook); default: a temporary one")
+    parser.add_argument("--feed-tokens", type=int, default=262_144, help="--feed: tokens of the temporary cache")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--expansion", type=int, default=8)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.feed:
+        bench_feed(args)
+        return
 
     torch.manual_seed(0)
     model = load_model("smollm2-135m")

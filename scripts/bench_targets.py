@@ -52,9 +52,11 @@ def main() -> None:
                    check=True, env=env)
     print(f"\n{datetime.date.today()}, SmolLM2-135M, target L0 {args.target_l0:g}, {args.expansion}x, "
           f"{args.train_tokens} training tokens, {args.eval_tokens} held-out tokens\n")
-    print("| SAE | L0 | FVU | dead | CE recovered (zero) | coefficient reached |")
-    print("|---|---|---|---|---|---|")
-    for result in json.loads(report.read_text())["evaluations"]:
+    print("| SAE | L0 | FVU (95% CI) | dead | CE recovered (zero) | coefficient reached | L0 ±25% / dead ≤5% / FVU ≤1.5× TopK |")
+    print("|---|---|---|---|---|---|---|")
+    evaluations = json.loads(report.read_text())["evaluations"]
+    topk_fvu = next(e["reconstruction"]["fvu"] for e in evaluations if Path(e["sae"]).name.endswith("=topk"))
+    for result in evaluations:
         cfg = json.loads((Path(result["sae"]) / "cfg.json").read_text())
         arch = cfg["architecture"]
         name = Path(result["sae"]).name.split("__", 1)[-1].replace("architecture=", "")
@@ -63,8 +65,12 @@ def main() -> None:
             section, option = COEFFICIENTS[arch]
             coefficient = f"{option} {cfg[section][option]:.3g}" if arch != "jumprelu" else "folded into theta"
         rec, sparsity, downstream = result["reconstruction"], result["sparsity"], result.get("downstream") or {}
-        print(f"| {name} | {sparsity['l0']:.1f} | {rec['fvu']:.3f} | {sparsity['dead_fraction']:.3f} | "
-              f"{downstream.get('ce_recovered_zero', float('nan')):.3f} | {coefficient} |")
+        low, high = rec.get("fvu_ci", (float("nan"), float("nan")))
+        verdicts = (abs(sparsity["l0"] / args.target_l0 - 1) <= 0.25, sparsity["dead_fraction"] <= 0.05,
+                    rec["fvu"] <= 1.5 * topk_fvu)
+        print(f"| {name} | {sparsity['l0']:.1f} | {rec['fvu']:.3f} ({low:.3f}–{high:.3f}) | "
+              f"{sparsity['dead_fraction']:.3f} | {downstream.get('ce_recovered_zero', float('nan')):.3f} | "
+              f"{coefficient} | {' / '.join('yes' if v else 'NO' for v in verdicts)} |")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def test_config_file_drives_the_cache(tmp_path, capsys):
     [
         (["cache", *TINY, "--hooks", "blocks.1.hook_resid_pst"], "Did you mean: blocks.1.hook_resid_post"),
         (["cache", "--model", "no-such-model", "--quiet"], "Unknown model 'no-such-model'"),
-        (["cache", *TINY, "--storage-dtype", "float8"], "Unknown dtype 'float8'"),
+        (["cache", *TINY, "--storage-dtype", "float8"], "--storage-dtype is one of float32, bfloat16, float16; got 'float8'"),
         (["cache", *TINY, "--corpus", "/nonexistent/corpus.txt"], "Could not open corpus"),
         (["info", "/nonexistent/cache"], "is not a saelab activation cache"),
     ],

@@ -97,7 +97,7 @@ def sae_state(folder) -> dict[str, torch.Tensor]:
 
 
 def metrics(out) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "data_wait")}
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -191,9 +191,12 @@ def test_a_killed_rank_resumes_from_the_checkpoint_to_the_uninterrupted_result(t
     if mode == "topk":  # rank 0 writes the one checkpoint; the job stopped with rank 1
         assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 14
         assert not (out / HOOKS[0]).exists()
-    else:  # each rank checkpoints its own runs; rank 0 went on until the job stopped it (step 14, 21 or the end)
-        steps = [torch.load(out / f"checkpoint.rank{r}.pt", weights_only=False)["step"] for r in (0, 1)]
-        assert steps[0] in (14, 21, STEPS) and steps[1] == 14
+    else:  # each rank checkpoints its own runs; rank 0 runs at its own pace until the job stops it, so it may
+        # have checkpointed at any multiple of 7, finished, or (when slow to start) written nothing yet
+        rank0 = out / "checkpoint.rank0.pt"
+        if rank0.exists():
+            assert torch.load(rank0, weights_only=False)["step"] in (7, 14, 21, STEPS)
+        assert torch.load(out / "checkpoint.rank1.pt", weights_only=False)["step"] == 14
     assert run_ranks(2, [job(resume=True)], tmp_path) == []
     for folder in (root / mode).iterdir():
         if folder.is_dir():

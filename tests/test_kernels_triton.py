@@ -180,3 +180,9 @@ def test_autograd_matches_eager_cuda_medium(layout_kind, dtype, monkeypatch):
     else:  # BatchTopK-style: the batch's top batch * k pre-activations, a variable count per token
         layout = SparseLayout.from_mask(z >= z.flatten().topk(batch * k).values[-1])
     _assert_autograd_agrees(layout, params, torch.randn(batch, d, generator=gen).to(DEVICE, dtype), monkeypatch)
+
+
+def test_auto_picks_triton_for_cuda_tensors_and_eager_for_cpu(monkeypatch):
+    monkeypatch.delenv("SAELAB_KERNELS", raising=False)
+    assert backend_for(torch.device("cuda")) is triton_kernels
+    assert backend_for(torch.device("cpu")) is eager

@@ -176,3 +176,14 @@ def test_batch_topk_layout_candidate_path_equals_the_full_search(skewed):
     assert torch.equal(layout.offsets.diff(), expected.sum(1))
     if skewed:
         assert int(layout.offsets.diff()[5]) == 256
+
+
+def test_calibration_makes_the_sample_l0_exactly_k_and_reads_in_chunks():
+    sae = make()
+    x = torch.randn(1000, 32)
+    sae.calibrate_inference(x, chunk=96)  # 11 chunks, the last partial
+    chunked = sae.threshold.clone()
+    with torch.no_grad():
+        assert int((sae.encode(x) != 0).sum()) == 4 * 1000  # mean L0 exactly k on the calibration tokens
+        z = sae.encode_pre(x).relu().flatten().sort(descending=True).values
+    assert float(chunked) == pytest.approx(float(z[3999] + z[4000]) / 2)

@@ -211,3 +211,25 @@ def test_planted_dictionary_recovery(mode, steps):
     with torch.no_grad():
         l0 = (sae.encode(data.sample(4096)) != 0).sum(dim=1).float().mean()
     assert 3 < float(l0) < 5  # inference thresholds keep the mean L0 near k = 4
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_feature_choice_calibration_gives_every_latent_its_budget_on_the_sample(alpha):
+    sae = make("feature", zipf_alpha=alpha)
+    sae.feature_freq.copy_(torch.rand(192))  # Zipf budgets follow the frequency ranks
+    x = torch.randn(2000, 32)
+    sae.calibrate_inference(x, chunk=300)
+    with torch.no_grad():
+        fired = (sae.encode(x) != 0).sum(dim=0)
+    budget = sae.capacities(2000)
+    assert torch.equal(fired, torch.minimum(budget, (sae.encode_pre(x) > 0).sum(dim=0)))
+    assert int(budget.sum()) == 4 * 2000
+
+
+def test_mutual_choice_calibration_is_batchtopks():
+    mutual, batch = make("mutual"), BatchTopKSAE(32, make().cfg, make().options)
+    batch.load_state_dict({k: v for k, v in mutual.state_dict().items() if k in batch.state_dict()})
+    x = torch.randn(500, 32)
+    mutual.calibrate_inference(x)
+    batch.calibrate_inference(x)
+    assert torch.equal(mutual.threshold, batch.threshold) and torch.isfinite(mutual.threshold)

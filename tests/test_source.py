@@ -1,4 +1,5 @@
 import itertools
+import threading
 
 import pytest
 import torch
@@ -22,6 +23,27 @@ def test_multi_hook_harvest_equals_single_hook_harvests(tiny_model, tokenizer):
     for hook in HOOKS:
         alone, _ = ActivationSource(tiny_model, [hook]).harvest(tokens)
         assert torch.equal(together[hook], alone[hook])
+
+
+def test_harvests_from_two_threads_do_not_mix(tiny_model, tokenizer):
+    """The trainer's prefetch thread harvests while a resampling draw may harvest on the main thread."""
+    source = ActivationSource(tiny_model, HOOKS)
+    inputs = [tokens_with_bos(tokenizer, seed=seed) for seed in range(2)]
+    expected = [source.harvest(tokens)[0] for tokens in inputs]
+    results: dict[int, list] = {0: [], 1: []}
+
+    def harvest_repeatedly(i):
+        for _ in range(20):
+            results[i].append(source.harvest(inputs[i])[0])
+
+    threads = [threading.Thread(target=harvest_repeatedly, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(2):
+        assert len(results[i]) == 20
+        assert all(torch.equal(acts[hook], expected[i][hook]) for acts in results[i] for hook in HOOKS)
 
 
 def test_forward_stops_once_every_hook_has_fired(tiny_model, tokenizer):

@@ -79,6 +79,19 @@ def test_training_reduces_fvu_and_saves_a_folded_sae_that_works_on_raw_activatio
     assert "plotly" in (tmp_path / "run" / "training_curves.html").read_text()[:100_000]
 
 
+@pytest.mark.parametrize("mode", ["mutual", "feature"])
+def test_batch_level_variants_are_saved_calibrated_to_k(tmp_path, cache, mode):
+    cmd = command(tmp_path, cache, train_tokens=256 * 12, checkpoint_every=100)
+    cmd.sae.architecture = "choice"
+    cmd.choice.choice_mode = mode
+    trainer = Trainer(cmd, progress=False)
+    saved = load_sae(trainer.fit()[0])
+    sample = trainer.stream.sample(cmd.train.init_tokens, draw=trainer.total_steps).acts[HOOKS[0]]
+    with torch.no_grad():
+        fired = (saved.encode(sample) != 0).sum()
+    assert abs(int(fired) - 8 * len(sample)) <= 0.01 * 8 * len(sample)  # k per token on the calibration sample
+
+
 def interrupt_at_step_17(monkeypatch, trainer: Trainer) -> None:
     """Run `trainer` until Ctrl-C arrives at step 17 (it checkpoints there)."""
     original = Run.step
@@ -108,7 +121,7 @@ def test_interrupted_training_resumes_to_the_identical_result(tmp_path, cache, m
         assert torch.equal(mine, theirs)
 
     def strip(path):
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
+        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "data_wait")} for line in path.read_text().splitlines()]
 
     assert strip(tmp_path / "b" / "run" / "metrics.jsonl") == strip(tmp_path / "a" / "run" / "metrics.jsonl")
 
@@ -121,6 +134,28 @@ def test_resume_with_another_config_or_nothing_to_resume(tmp_path, cache):
     other.sae.k = 4
     with pytest.raises(SaelabError, match="another config.*sae.k: checkpoint 8, now 4"):
         Trainer(other, progress=False)
+
+
+class _RunsCode:
+    def __reduce__(self):  # unpickling this would call print(...) with the marker: it must never happen
+        return (print, ("SAELAB-PICKLE-RAN",))
+
+
+@pytest.mark.parametrize("content", ["pickle", "empty dict", "truncated"])
+def test_a_crafted_or_foreign_checkpoint_runs_nothing_and_is_one_sentence(tmp_path, cache, capsys, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    if content == "pickle":
+        torch.save({"step": 3, "identity": {}, "rng": _RunsCode(), "runs": {}}, out / "checkpoint.pt")
+    elif content == "empty dict":
+        torch.save({}, out / "checkpoint.pt")
+    else:
+        torch.save({"step": 3}, out / "checkpoint.pt")
+        (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:40])
+    with pytest.raises(SaelabError, match="checkpoint.pt is not a (readable )?saelab checkpoint") as caught:
+        Trainer(command(tmp_path, cache, resume=True), progress=False)
+    assert "\n" not in str(caught.value)
+    assert "SAELAB-PICKLE-RAN" not in capsys.readouterr().out
 
 
 def test_nan_loss_stops_with_step_and_a_good_checkpoint(tmp_path, cache, monkeypatch):
@@ -170,8 +205,8 @@ def test_latent_history_holds_every_latents_firings_between_log_steps(tmp_path, 
     per_step = []  # [d_sae] per step, recounted from the dense code
     train_step = trainer_module.train_step
 
-    def recording_step(sae, optimizer, x_n, ctx, grad_clip=0.0, replica=None):
-        out = train_step(sae, optimizer, x_n, ctx, grad_clip, replica)
+    def recording_step(*args, **kwargs):
+        out = train_step(*args, **kwargs)
         per_step.append((out.code.dense() != 0).sum(dim=0))
         return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -39,6 +40,9 @@ class ActivationSource:
         self.specs = resolve_hooks(model, hooks)
         self.hooks = [s.name for s in self.specs]
         self.with_grads = with_grads
+        # The hooks go onto the shared model for one pass, so passes from two threads (the trainer's prefetch
+        # thread and a resampling draw) must not overlap.
+        self._one_pass_at_a_time = threading.Lock()
         self.stop_at_layer = None if with_grads else stop_at_layer(self.specs)
         self.excluded = torch.tensor([] if include_special else special_token_ids(model.tokenizer), dtype=torch.long)
         begin, _ = begin_and_separator_ids(model.tokenizer)
@@ -46,7 +50,11 @@ class ActivationSource:
         self.dims = {hook: a.shape[-1] for hook, a in acts.items()}
 
     def harvest(self, tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """tokens [batch, pos] -> (acts, grads): hook -> [batch, pos, d]; grads None unless with_grads."""
+        """tokens [batch, pos] -> (acts, grads): hook -> [batch, pos, d]; grads None unless with_grads. Thread-safe."""
+        with self._one_pass_at_a_time:
+            return self._harvest(tokens)
+
+    def _harvest(self, tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         batch, positions = tokens.shape
         tokens = tokens.to(self.model.cfg.device)
         captured: dict[str, torch.Tensor] = {}

@@ -130,6 +130,7 @@ class SAE(nn.Module):
     signed: ClassVar[bool] = False  # codes may be negative (AbsTopK): statistics count a != 0
     default_lr: ClassVar[float] = 2e-4  # scaled by (d_sae / 2**14) ** -0.5 when --lr is 0
     sparse_code: ClassVar[bool] = False  # the variant implements select / values_at / code_losses
+    calibrates_inference: ClassVar[bool] = False  # calibrate_inference fixes its inference state after training
     # (section, option) of the one coefficient that sets this variant's L0, adapted by an L0Controller toward
     # --target-l0 while the option is 0 (saelab.sae.sparsity); None: the variant fixes its L0 itself (top-k family).
     sparsity_coefficient: ClassVar[tuple[str, str] | None] = None
@@ -336,6 +337,10 @@ class SAE(nn.Module):
 
     def update_inference_state(self, code: SparseCode) -> None:
         """After each training step (no grad), from its code: e.g. running thresholds of batch-level variants."""
+
+    def calibrate_inference(self, x_n: torch.Tensor) -> None:
+        """Once training ends, from x_n [T, d_in] normalised training inputs: fix inference state that a running
+        estimate only approximates (batch-level variants' thresholds; they set `calibrates_inference`)."""
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:

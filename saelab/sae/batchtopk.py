@@ -13,7 +13,11 @@ Inference (ctx None): a batch-independent JumpReLU with one scalar threshold,
 
 where theta is a running estimate of the smallest kept activation: after every training step,
 theta <- (1 - eta) * theta + eta * min{a_ti : a_ti > 0} with eta = threshold_rate; the first update sets
-theta directly. theta starts at +inf (nothing fires before the SAE has seen a training batch).
+theta directly. theta starts at +inf (nothing fires before the SAE has seen a training batch). When training
+ends, `calibrate_inference` replaces the running estimate by the batch rule itself at the final weights: theta
+is set so that k*T of the z of T training tokens exceed it (mean L0 exactly k there). The running estimate lags
+the encoder: on SmolLM2 (4608 latents, k 32, 244 steps) it gave a held-out L0 of 19.8 and left 9% of the
+latents silent on 8k tokens, against 0.7% at the calibrated threshold.
 
 theta lives in z units, as in SAELens `batchtopk_sae.py`: `fold()` leaves z unchanged (the input scale goes
 into W_enc and b_dec), so a saved SAE needs no threshold rescaling. While the decoder rows are unit-norm
@@ -53,6 +57,17 @@ def batch_topk_layout(scores: torch.Tensor, k_total: int) -> SparseLayout:
     return SparseLayout.from_flat(flat_index, batch, n)
 
 
+def top_values(x_n: torch.Tensor, chunk: int, scores, count: int, dim: int) -> torch.Tensor:
+    """The `count` largest of scores(part) along `dim`, over x_n [T, d_in] read in parts of `chunk` tokens, in
+    descending order (fewer when there are fewer). scores(part [c, d_in]) -> [c * n] (dim 0) or [c, n]."""
+    best = None
+    for part in x_n.split(chunk):
+        values = scores(part)
+        pool = values if best is None else torch.cat([best, values], dim=dim)
+        best = pool.topk(min(count, pool.shape[dim]), dim=dim).values
+    return best
+
+
 @torch.no_grad()
 def ema_threshold_(threshold: torch.Tensor, observed: torch.Tensor, rate: float) -> None:
     """In place, elementwise: theta <- (1 - rate) * theta + rate * observed.
@@ -75,6 +90,7 @@ class BatchTopKSAE(TopKSAE):
     """
 
     architecture = "batchtopk"
+    calibrates_inference = True
     sections = ("aux", "topk")
 
     def __init__(self, *args, **kwargs):
@@ -96,6 +112,15 @@ class BatchTopKSAE(TopKSAE):
         if ctx is None:
             return SparseLayout.from_mask(z > self.threshold)
         return batch_topk_layout(self.selection_scores(z, ctx).relu(), self.cfg.k * z.shape[0])
+
+    @torch.no_grad()
+    def calibrate_inference(self, x_n: torch.Tensor, chunk: int = 4096) -> None:
+        """theta <- midway between the (k*T)-th and (k*T+1)-th largest ReLU(z) over x_n [T, d_in], so exactly k*T
+        entries fire there (ties aside). Reads x_n in chunks of `chunk` tokens, keeping only the running top."""
+        wanted = self.cfg.k * len(x_n)
+        best = top_values(x_n, chunk, lambda part: self.encode_pre(part).relu().reshape(-1), wanted + 1, dim=0)
+        if len(best) > wanted:
+            self.threshold.fill_(float(best[wanted - 1] + best[wanted]) / 2)
 
     @torch.no_grad()
     def update_inference_state(self, code: SparseCode) -> None:

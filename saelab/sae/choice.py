@@ -26,7 +26,7 @@ import torch
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout
 from saelab.sae.base import StepContext
-from saelab.sae.batchtopk import BatchTopKSAE, ema_threshold_
+from saelab.sae.batchtopk import BatchTopKSAE, ema_threshold_, top_values
 
 CHOICE_MODES = ("mutual", "feature")
 
@@ -151,6 +151,20 @@ class ChoiceSAE(BatchTopKSAE):
         return terms
 
     # -- running state --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate_inference(self, x_n: torch.Tensor, chunk: int = 4096) -> None:
+        """Mutual: BatchTopK's global threshold. Feature: each latent's threshold midway between its m_i-th and
+        (m_i+1)-th largest z over x_n [T, d_in], m_i = its Zipf capacity for T tokens, so every latent takes its
+        budget there as it does in training (the per-latent running minima under-fill: L0 16 for k 32)."""
+        if self.option("choice").choice_mode == "mutual":
+            return super().calibrate_inference(x_n, chunk)
+        budget = self.capacities(len(x_n))  # [d_sae] int64, sums to k * T
+        best = top_values(x_n, chunk, self.encode_pre, int(budget.max()) + 1, dim=0)  # [m_max + 1, d_sae]
+        below = best.gather(0, (budget - 1).clamp(0, len(best) - 1)[None]).squeeze(0)
+        above = best.gather(0, budget.clamp(max=len(best) - 1)[None]).squeeze(0)
+        theta = ((below + above) / 2).clamp_min(0)
+        self.threshold.copy_(torch.where(budget > 0, theta, torch.full_like(theta, float("inf"))))
+
     @torch.no_grad()
     def update_inference_state(self, code: SparseCode) -> None:
         """Update the inference threshold(s) and the running firing frequency from the training code."""

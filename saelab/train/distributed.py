@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from saelab.config import TrainConfig
+from saelab.devices import check_device
 from saelab.errors import SaelabError
 from saelab.sae.base import SAE, LossOutput, StepContext
 
@@ -58,9 +59,9 @@ class World:
 def launch(train: TrainConfig, device: str) -> World:
     """Join the torchrun job described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
-    Without torchrun (no WORLD_SIZE) training is single-process, and asking for --distributed or
-    --distribute-modules is an error; a torchrun job of one process is single-process too. `device` is the
-    model's --device: 'cuda...' trains on cuda:LOCAL_RANK over NCCL, anything else on the CPU over gloo.
+    Without torchrun (no WORLD_SIZE) training is single-process, on `device` (the model's --device), and asking
+    for --distributed or --distribute-modules is an error; a torchrun job of one process is single-process too.
+    In a job of several processes, 'cuda...' trains on cuda:LOCAL_RANK over NCCL, anything else on the CPU over gloo.
     """
     asked = train.distributed or train.distribute_modules
     if "WORLD_SIZE" not in os.environ:
@@ -70,14 +71,12 @@ def launch(train: TrainConfig, device: str) -> World:
                 "`torchrun --nproc_per_node 2 -m saelab train ...` (add --nnodes/--node-rank/--master-addr for "
                 "several machines)."
             )
-        return World()
+        return World(device=check_device(device))
     size = int(os.environ["WORLD_SIZE"])
     if size == 1:
-        return World()
+        return World(device=check_device(device))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise SaelabError(f"--device {device} was asked for, but this process sees no CUDA device.")
+    cuda = check_device(device).type == "cuda"
     torch_device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     owns_group = not dist.is_initialized()
     if owns_group:

@@ -10,7 +10,7 @@ from saelab.train.distributed import Replica
 
 def train_step(
     sae: SAE, optimizer: torch.optim.Optimizer, x_n: torch.Tensor, ctx: StepContext, grad_clip: float = 0.0,
-    replica: Replica | None = None,
+    replica: Replica | None = None, autocast: torch.dtype | None = None,
 ) -> LossOutput:
     """Forward, backward, decoder-constraint projection, clipping, optimiser step, renormalisation.
 
@@ -18,10 +18,13 @@ def train_step(
     replica: data-parallel training (saelab.train.distributed): x_n is this rank's slice of the global batch,
     the loss runs through DDP (gradients averaged over the ranks in backward), a non-finite loss on any rank
     skips the update on all of them, and batch-level inference state is averaged over the ranks.
+    autocast: mixed precision, e.g. torch.bfloat16: the forward runs under torch.autocast (the encoder matmul in
+    that dtype; the sparse decoder, losses, parameters and Adam state stay float32); None: float32 throughout.
     Returns the step's LossOutput (loss and detached terms, the code and reconstruction).
     """
     optimizer.zero_grad(set_to_none=True)
-    out = sae.training_loss(x_n, ctx) if replica is None else replica.training_loss(x_n, ctx)
+    with torch.autocast(x_n.device.type, dtype=autocast, enabled=autocast is not None):
+        out = sae.training_loss(x_n, ctx) if replica is None else replica.training_loss(x_n, ctx)
     if replica is not None and not replica.all_finite(out.loss):
         return out._replace(loss=torch.full_like(out.loss.detach(), float("nan")))  # no rank updates
     if not torch.isfinite(out.loss):

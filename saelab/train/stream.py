@@ -9,13 +9,19 @@ Data-parallel training reads `part=(rank, ranks)`: from a cache, rank r's batche
 slices of each global batch (together exactly the tokens a single process's batch holds; each rank reads only its
 slice); live, rank r harvests every ranks-th context and fills its own buffer with batch_size / ranks tokens.
 `sample` is the same full sample on every rank, so initialisation and resampling agree.
+
+The trainer reads either stream through a Prefetcher: a background thread that keeps the next batches ready (on a
+GPU already copied to it), so disk reads and live harvesting overlap the SAE steps instead of stalling them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -112,6 +118,115 @@ class LiveStream:
         buffer = ShuffleBuffer(harvested, train.buffer_tokens // ranks, train.batch_size // ranks,
                                seed=self.cmd.data.seed, drop_last=True)
         return itertools.islice(iter(buffer), start_step, None)
+
+
+_END = object()  # the queue item after the last batch
+
+
+@dataclasses.dataclass
+class _Failure:
+    error: BaseException
+
+
+class Prefetcher:
+    """Iterate over `batches` while a background thread keeps up to `depth` of the next ones ready on `device`.
+
+    Batches arrive exactly as, and in the order, the underlying iterator yields them. On a CUDA device the worker
+    pins every hook's acts (and grads) [n, d_hook] and copies them with non_blocking=True on its own CUDA stream;
+    the consumer's current stream waits for that copy before the batch is handed over (token_ids, context and
+    position stay on the CPU). On any other device the batches pass through untouched. An exception raised while
+    pulling a batch is raised again, with its original traceback, by the consumer's next(). Use it as a context
+    manager (or call close()) so the worker stops when the consumer leaves early.
+
+    wait_seconds: total time the consumer has spent blocked waiting for the next batch.
+    """
+
+    def __init__(self, batches: Iterable[ActivationBatch], device: str | torch.device, depth: int = 2):
+        if depth < 1:
+            raise SaelabError(f"The prefetch depth must be at least 1 batch (got {depth}).")
+        self.device = torch.device(device)
+        self.wait_seconds = 0.0
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._terminal: object | None = None  # _END or a _Failure once the consumer has met it (or closed)
+        self._thread = threading.Thread(target=self._work, args=(iter(batches),), name="saelab-prefetch", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> ActivationBatch:
+        if self._terminal is None:
+            start = time.perf_counter()
+            item = self._queue.get()
+            self.wait_seconds += time.perf_counter() - start
+            if isinstance(item, tuple):
+                return self._ready(*item)
+            self._terminal = item
+        if isinstance(self._terminal, _Failure):
+            raise self._terminal.error
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the worker and wait for it (it first finishes a pull in progress); iteration ends here."""
+        self._stop.set()
+        self._thread.join()
+        self._terminal = self._terminal or _END
+        while not self._queue.empty():  # release the batches (and their device memory) nobody will take
+            self._queue.get_nowait()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _work(self, batches: Iterator[ActivationBatch]) -> None:
+        try:
+            for batch in batches:
+                if not self._offer(self._to_device(batch)):
+                    return
+            self._offer(_END)
+        except BaseException as exc:  # anything, so the consumer never waits forever
+            self._offer(_Failure(exc))
+        finally:
+            if hasattr(batches, "close"):  # a generator: run its cleanup here, in the thread that drove it
+                batches.close()
+
+    def _offer(self, item: object) -> bool:
+        """Put `item` on the queue, waiting while it is full; False (item dropped) once close() was called."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _ready(self, batch: ActivationBatch, copied: torch.cuda.Event | None) -> ActivationBatch:
+        """The batch, safe to use on the consumer's current stream once its copy (if any) is done."""
+        if copied is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(copied)
+            for t in (*batch.acts.values(), *(batch.grads or {}).values()):
+                t.record_stream(stream)  # allocated on the copy stream: not reused before the consumer is done
+        return batch
+
+    def _to_device(self, batch: ActivationBatch) -> tuple[ActivationBatch, torch.cuda.Event | None]:
+        """(batch, None) off CUDA; else (batch with acts and grads copied to the device, the copy's event)."""
+        if self._copy_stream is None:
+            return batch, None
+
+        def copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {hook: t.pin_memory().to(self.device, non_blocking=True) for hook, t in tensors.items()}
+
+        with torch.cuda.stream(self._copy_stream):
+            moved = dataclasses.replace(batch, acts=copy(batch.acts),
+                                        grads=None if batch.grads is None else copy(batch.grads))
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        return moved, copied
 
 
 def open_stream(cmd: TrainCommand, hooks: list[str], grads: bool, model=None, progress: bool = True,

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from saelab.activations import ActivationBatch
 from saelab.activations.cache import write_atomic
 from saelab.config import SAE_SECTIONS, TrainCommand, TrainConfig, to_dict
+from saelab.devices import autocast_dtype
 from saelab.errors import SaelabError
 from saelab.sae.base import SAE, StepContext
 from saelab.sae.io import save_sae
@@ -47,11 +48,12 @@ from saelab.train.distributed import DATA, MODULES, Replica, World, assign_runs,
 from saelab.train.history import LATENT_HISTORY, LatentRecorder
 from saelab.train.resample import resample_dead_latents
 from saelab.train.step import train_step
-from saelab.train.stream import open_stream
+from saelab.train.stream import Prefetcher, open_stream
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 _PER_RUN_TRAIN_OPTIONS = ("lr", "adam_beta1", "adam_beta2", "grad_clip", "lr_warmup_steps", "lr_decay_fraction")
+CHECKPOINT_KEYS = {"step", "identity", "rng", "runs"}
 # Options that do not change what is computed (device only up to float rounding); a resumed run may differ in these.
 # A data-parallel checkpoint is the single-process one (rank 0's), so --distributed is free too.
 _RESUME_FREE = {("train", "resume"), ("train", "log_every"), ("train", "checkpoint_every"), ("train", "wandb"),
@@ -155,6 +157,7 @@ class Run:
         self.history = LatentRecorder(self.sae.d_sae, self.sae.W_dec.device)
         self.dead_tokens = spec.sections["aux"].dead_tokens
         self.needs_grads = self.sae.architecture == "gsae"
+        self.autocast = autocast_dtype(spec.train.precision, self.sae.W_dec.device)
 
     @torch.no_grad()
     def initialize(self, sample: ActivationBatch) -> None:
@@ -185,7 +188,7 @@ class Run:
             dead=self.since_fired >= self.dead_tokens,
             grads=grads,
         )
-        out = train_step(self.sae, self.optimizer, x_n, ctx, train.grad_clip, self.replica)
+        out = train_step(self.sae, self.optimizer, x_n, ctx, train.grad_clip, self.replica, self.autocast)
         if not torch.isfinite(out.loss):
             raise _NonFinite(self.spec.name, step)
         with torch.no_grad():
@@ -216,6 +219,12 @@ class Run:
             if self.replica is not None:  # per-rank means over equal slices: their mean is the global batch's
                 metrics.update(self.replica.mean({k: metrics[k] for k in ("loss", *out.terms, "l0")}))
             return metrics
+
+    @torch.no_grad()
+    def calibrate(self, sample: ActivationBatch) -> None:
+        """Fix the SAE's inference state from a training `sample` once training ends (see SAE.calibrate_inference)."""
+        x_n, _ = self.sae.normalize(sample.acts[self.spec.hook].to(self.sae.W_dec.device).float())
+        self.sae.calibrate_inference(x_n)
 
     def resample_due(self, steps_done: int) -> bool:
         """Neuron resampling (2023 ReLU form) is due after this many steps."""
@@ -298,7 +307,7 @@ class Trainer:
             raise SaelabError(
                 f"{self.out} already holds a training checkpoint. Pass --resume to continue it, or choose another --out."
             )
-        if cmd.train.resume and not self.checkpoint.exists():
+        if cmd.train.resume and not any(self.out.glob("checkpoint*.pt")):
             raise SaelabError(f"Nothing to resume: {self.checkpoint} does not exist. Drop --resume to start a new run.")
         world.barrier()  # no rank writes a checkpoint before every rank has looked for one
         need_grads = any(spec.sections["sae"].architecture == "gsae" for spec in specs)
@@ -317,9 +326,11 @@ class Trainer:
         self.runs = [Run(spec, self.stream.dims[spec.hook], metadata, cmd.data.seed, world.device) for spec in specs]
         self.start_step = 0
         self.resample_events: list[tuple[str, int, int]] = []  # (run, after step, latents resampled)
-        if cmd.train.resume:
+        if cmd.train.resume and self.checkpoint.exists():
             self._load_checkpoint(self.checkpoint)
-        else:
+        else:  # a new run, or a --distribute-modules rank stopped before its first checkpoint: start its runs over
+            if self.writes and self.metrics.exists():
+                self.metrics.unlink()
             sample = self.stream.sample(cmd.train.init_tokens)
             for run in self.runs:
                 run.initialize(sample)
@@ -338,10 +349,16 @@ class Trainer:
         write_atomic(self.checkpoint, buffer.getvalue())
 
     def _load_checkpoint(self, path: Path) -> None:
-        try:
-            state = torch.load(path, weights_only=False, map_location=self.world.device)
-        except Exception as exc:  # torch raises several types for a truncated or foreign file
-            raise SaelabError(f"{path} is not a readable saelab checkpoint ({exc}). Start a new --out.") from exc
+        try:  # weights_only: tensors and plain containers only, so a crafted file cannot run code
+            state = torch.load(path, weights_only=True, map_location=self.world.device)
+        except Exception as exc:  # torch raises several types for a truncated, foreign or unsafe file
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SaelabError(f"{path} is not a readable saelab checkpoint ({reason}). Start a new --out.") from exc
+        if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+            raise SaelabError(
+                f"{path} is not a saelab checkpoint (it lacks {', '.join(sorted(CHECKPOINT_KEYS))}). "
+                "Resume from the folder the run wrote, or start a new --out."
+            )
         if state["identity"] != _resume_identity(self.cmd):
             old, new = state["identity"], _resume_identity(self.cmd)
             diffs = [f"{s}.{k}: checkpoint {old.get(s, {}).get(k)!r}, now {v!r}"
@@ -376,17 +393,23 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=step, unit="step", desc=f"training {len(self.runs)} SAE(s)",
                    disable=not self.progress)
         started = time.time()
+        since, waited = time.perf_counter(), 0.0  # start of the current log interval, data wait before it
         try:
-            with bar, (open(self.metrics, "a") if self.writes else contextlib.nullcontext()) as log:
-                for batch in self.stream.batches(self.start_step):
+            with (bar, (open(self.metrics, "a") if self.writes else contextlib.nullcontext()) as log,
+                  Prefetcher(self.stream.batches(self.start_step), self.world.device) as batches):
+                for batch in batches:
                     if step >= self.total_steps:
                         break
                     is_log_step = step % train.log_every == 0 or step == self.total_steps - 1
+                    if is_log_step:  # data_wait: the share of the interval since the last log step spent waiting
+                        now = time.perf_counter()
+                        data_wait = round((batches.wait_seconds - waited) / max(now - since, 1e-9), 4)
+                        since, waited = now, batches.wait_seconds
                     for run in self.runs:
                         metrics = run.step(batch, step, self.total_steps, is_log_step)
                         if metrics is not None and log is not None:
                             record = {"step": step, "tokens": (step + 1) * train.batch_size, "run": run.spec.name,
-                                      "seconds": round(time.time() - started, 2), **metrics}
+                                      "seconds": round(time.time() - started, 2), **metrics, "data_wait": data_wait}
                             log.write(json.dumps(record) + "\n")
                             if wandb_run is not None:
                                 wandb_run.log({f"{run.spec.name}/{k}": v for k, v in record.items()}, step=step)
@@ -420,7 +443,11 @@ class Trainer:
 
     def _finish(self, step: int) -> list[Path]:
         folders = []
+        calibration = None
         for run in self.runs if self.writes else []:
+            if run.sae.calibrates_inference:
+                calibration = calibration or self.stream.sample(self.cmd.train.init_tokens, draw=self.total_steps)
+                run.calibrate(calibration)
             run.sae.metadata.update(trained_tokens=step * self.cmd.train.batch_size, run=run.spec.name,
                                     sweep=run.spec.overrides)
             folder = save_sae(run.sae, self.out / run.spec.name)
