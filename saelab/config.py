@@ -43,7 +43,7 @@ _CHECKS = {"choices", "min", "max", "above", "check"}
 
 def _checked_value(name: str, tp: Any, value: Any, checks: dict[str, Any]) -> Any:
     """`value` of option `name` converted to `tp` (int -> float only) and checked; a SaelabError otherwise."""
-    flag = "--" + name.replace("_", "-")
+    flag = _flag(name)
     if typing.get_origin(tp) is list:
         if not isinstance(value, list | tuple):
             raise SaelabError(f"{flag} takes a list of values (in a config file: [a, b]); got {value!r}.")

@@ -103,18 +103,15 @@ def test_leaving_the_with_block_by_an_exception_stops_the_worker(cache):
     assert not prefetch_threads()
 
 
-def test_wait_seconds_counts_the_time_the_consumer_waited():
-    def slow_batches():
-        for batch in synthetic_batches(4):
-            time.sleep(0.05)
-            yield batch
+def test_wait_seconds_counts_the_time_the_consumer_waited(monkeypatch):
+    """A fake clock that advances one unit per reading: each next() (4 batches, then the end) waits exactly 1."""
+    import saelab.train.stream as stream_module
 
-    start = time.perf_counter()
-    with Prefetcher(slow_batches(), "cpu") as batches:
+    clock = itertools.count()
+    monkeypatch.setattr(stream_module.time, "perf_counter", lambda: float(next(clock)))
+    with Prefetcher(synthetic_batches(4), "cpu") as batches:
         list(batches)
-    elapsed = time.perf_counter() - start
-    # the consumer does nothing but wait, so nearly all of the 4 x 50 ms the producer slept is waiting
-    assert 0.15 < batches.wait_seconds <= elapsed
+    assert batches.wait_seconds == 5.0
 
 
 def test_depth_below_one_is_refused():
