@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Sequence
 
@@ -19,7 +21,7 @@ from saelab.config import (
     add_arguments,
     from_args,
 )
-from saelab.errors import SaelabError
+from saelab.errors import Interrupted, SaelabError
 
 
 def _cache(args: argparse.Namespace) -> None:
@@ -227,17 +229,28 @@ class _Parser(argparse.ArgumentParser):
         raise SaelabError(f"{message[0].upper()}{message[1:]}. See `{self.prog} --help`.")
 
 
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; SaelabError -> its sentence on stderr and exit status 2, Ctrl-C -> 130."""
+    """Run one subcommand; SaelabError -> its sentence on stderr and exit status 2; Ctrl-C or SIGTERM -> a line
+    on stderr and 128 + the signal number (training stops at a step boundary, see saelab.train.interrupt)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None  # SIGTERM acts as Ctrl-C
     try:
         args = build_parser().parse_args(argv)
         args.run(args)
     except SaelabError as exc:
         print(f"saelab: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nsaelab: interrupted. Finished work is kept; rerun the same command to resume.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        message = getattr(exc, "message", "") or "interrupted. Finished work is kept; rerun the same command to resume."
+        print(f"\nsaelab: {message}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -142,7 +142,11 @@ class CacheConfig(Section):
     shard_tokens: int = option(
         65_536, "Tokens per shard (rounded to whole contexts); the unit of resumption (150 MB at d=576 fp32).", min=1,
     )
-    overwrite: bool = option(False, "Delete an existing cache in --out that was built with other settings.")
+    overwrite: bool = option(
+        False,
+        "Delete a cache in --out that was built with other settings or whose manifest is unreadable; in one built "
+        "with these settings, harvest only missing, truncated or corrupt shards again.",
+    )
 
 
 @dataclass
@@ -336,6 +340,12 @@ class TrainConfig(Section):
         0.0, "Adam learning rate; 0 means the variant's default (top-k family: 5e-4 * (d_sae / 2^14)^-0.5).", min=0
     )
     init_tokens: int = option(65_536, "Tokens sampled before training for the input scale and the b_dec init.", min=1)
+    decoder_refit_tokens: int = option(
+        131_072,
+        "After training, refit the decoder by least squares to the frozen codes on this many sampled tokens, for the "
+        "variants whose penalty shrinks their codes (relu, threshold); 0 turns it off.",
+        min=0,
+    )
     adam_beta1: float = option(0.9, "Adam beta1.", min=0, max=0.9999)
     adam_beta2: float = option(0.999, "Adam beta2.", min=0, max=0.99999)
     lr_warmup_steps: int = option(20, "Linear learning-rate warmup steps.", min=0)

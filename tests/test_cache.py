@@ -9,12 +9,14 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from saelab.activations import ActivationCache, ActivationSource, build_cache
 from saelab.activations import cache as cache_module
 from saelab.config import to_dict
 from saelab.data import special_token_ids, token_contexts
 from saelab.errors import SaelabError
+from saelab.locking import FolderLock
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,51 @@ def test_corrupted_and_truncated_shards_are_detected(tmp_path, tiny_model, cache
     shard.write_bytes(bytes(data[:-100]))
     with pytest.raises(SaelabError, match="truncated"):
         ActivationCache(out, verify=False)
+    shard.write_bytes(bytes(data) + b"x")
+    with pytest.raises(SaelabError, match="too long"):
+        ActivationCache(out, verify=False)
+
+
+def test_the_advice_for_damaged_shards_repairs_only_them_to_identical_bytes(tmp_path, tiny_model, cache_config):
+    out = tmp_path / "c"
+    config = cache_config(out, n_tokens=32 * 40)  # 5 shards of 8 contexts
+    n_tokens = build_cache(config, model=tiny_model, progress=False).n_tokens
+    shards = sorted(out.glob("shard_*.safetensors"))
+    original = {shard.name: shard.read_bytes() for shard in shards}
+    assert len(shards) >= 3
+    damaged = bytearray(original[shards[0].name])
+    damaged[-7] ^= 0xFF
+    shards[0].write_bytes(bytes(damaged))  # corrupt
+    shards[1].write_bytes(original[shards[1].name] + b"extra")  # too long
+    shards[2].unlink()  # missing
+    with pytest.raises(SaelabError, match="corrupt.*--overwrite added: only the bad shards"):
+        ActivationCache(out)
+    untouched = {shard.name: shard.stat().st_mtime_ns for shard in shards[3:]}
+    config.cache.overwrite = True
+    repaired = build_cache(config, model=tiny_model, progress=False)
+    assert {shard.name: shard.read_bytes() for shard in sorted(out.glob("shard_*"))} == original
+    assert {shard.name: shard.stat().st_mtime_ns for shard in shards[3:]} == untouched  # not rewritten
+    assert repaired.n_tokens == n_tokens
+
+
+def test_a_corrupt_manifest_is_rebuilt_with_overwrite(tmp_path, tiny_model, cache_config):
+    out = tmp_path / "c"
+    config = cache_config(out, n_tokens=32 * 8)
+    n_tokens = build_cache(config, model=tiny_model, progress=False).n_tokens
+    original = {shard.name: shard.read_bytes() for shard in out.glob("shard_*")}
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(SaelabError, match="manifest.json is corrupt.*--overwrite added"):
+        ActivationCache(out)
+    config.cache.overwrite = True
+    assert build_cache(config, model=tiny_model, progress=False).n_tokens == n_tokens
+    assert {shard.name: shard.read_bytes() for shard in out.glob("shard_*")} == original
+
+
+def test_a_cache_whose_first_shard_never_came_is_replaced_by_other_settings(tmp_path, tiny_model, cache_config):
+    out = tmp_path / "c"
+    with pytest.raises(SaelabError):
+        build_cache(cache_config(out, corpus="/no/such/corpus.txt"), model=tiny_model, progress=False)
+    assert build_cache(cache_config(out, n_tokens=32 * 4), model=tiny_model, progress=False).n_tokens > 0
 
 
 def test_cache_from_other_settings_is_refused_then_overwritten(tmp_path, tiny_model, cache_config):
@@ -213,3 +260,28 @@ def test_interrupted_build_resumes_to_identical_bytes(tmp_path, tiny_model, sig,
         assert (out / shard["file"]).read_bytes() == (tmp_path / "reference" / shard["file"]).read_bytes()
     assert not list(out.glob("*.tmp"))
     assert to_dict(config)["cache"]["n_tokens"] == resumed.manifest["identity"]["cache"]["n_tokens"]
+
+
+def test_a_second_build_into_the_same_folder_is_refused(tmp_path, tiny_model, cache_config):
+    out = tmp_path / "c"
+    with FolderLock(out), pytest.raises(SaelabError, match="Another saelab process is writing to"):
+        build_cache(cache_config(out, n_tokens=32 * 4), model=tiny_model, progress=False)
+    assert build_cache(cache_config(out, n_tokens=32 * 4), model=tiny_model, progress=False).n_tokens > 0
+
+
+def test_nan_in_a_shard_whose_checksum_matches_is_named_when_read(tmp_path, tiny_model, cache_config):
+    out = tmp_path / "c"
+    build_cache(cache_config(out, n_tokens=32 * 16), model=tiny_model, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    shard = manifest["shards"][1]
+    tensors = load_file(out / shard["file"])
+    tensors["acts:blocks.1.hook_resid_post"][4, 0] = float("nan")
+    data = cache_module.safetensors_bytes(tensors)
+    (out / shard["file"]).write_bytes(data)
+    shard.update(bytes=len(data), checksum=cache_module.checksum(data))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    cache = ActivationCache(out)
+    token = manifest["shards"][0]["n_tokens"] + 4
+    cache.read(torch.arange(token))  # the tokens before it are fine
+    with pytest.raises(SaelabError, match=f"NaN/Inf in 'acts:blocks.1.hook_resid_post' at token {token} \\(shard_00001"):
+        cache.read(torch.arange(token + 1).flip(0))

@@ -13,6 +13,7 @@ import torch
 from helpers import perturb
 
 from saelab.config import SAE_SECTIONS, SAEConfig, ThresholdConfig
+from saelab.errors import SaelabError
 from saelab.sae import ARCHITECTURES, StepContext, create_sae, load_sae, save_sae
 from saelab.synthetic import PlantedDictionary, cosine_matrix, mmcs, train_planted
 
@@ -109,3 +110,13 @@ def test_every_section_default_builds_every_architecture():
     for name in ARCHITECTURES:
         sae = create_sae(8, SAEConfig(architecture=name, d_sae=32, target_l0=4), {s: c() for s, c in SAE_SECTIONS.items()})
         assert sae.cfg.k == 4
+
+
+def test_an_sae_with_nan_weights_is_refused_when_loaded(tmp_path):
+    sae = make("batchtopk", {}, 16, 64, 4, seed=0)  # its inference threshold is +inf until learnt: allowed
+    folder = save_sae(sae, tmp_path / "good")
+    assert torch.isinf(load_sae(folder).threshold).all()
+    with torch.no_grad():
+        sae.W_dec[3, 1] = float("nan")
+    with pytest.raises(SaelabError, match="holds NaN/Inf in W_dec; it cannot encode anything"):
+        load_sae(save_sae(sae, tmp_path / "bad"))

@@ -138,13 +138,14 @@ def test_loss_terms_and_gradients_reach_only_kept_latents():
     sae = _sae(d_in=8, d_sae=40, afa_coef=0.5)
     with torch.no_grad():
         sae.W_enc.mul_(0.3)
-    x = torch.randn(1, 8)
+        sae.b_dec.fill_(0.7)  # the AFA term matches ||a|| to ||x - b_dec||, not to ||x||
+    x = torch.randn(3, 8)
     out = sae.training_loss(x, StepContext())
-    gap = out.code.dense().norm(dim=-1) - x.norm(dim=-1)
-    torch.testing.assert_close(out.terms["afa"], 0.5 * gap.pow(2).mean())
+    gap = out.code.dense().norm(dim=-1) - (x - sae.b_dec).norm(dim=-1)
+    torch.testing.assert_close(out.terms["afa"], 0.5 * gap.pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum())
     assert float(out.terms["auxk"]) == 0.0  # nothing dead
     out.loss.backward()
-    kept = out.code.dense()[0] > 0
+    kept = (out.code.dense() > 0).any(dim=0)
     assert 1 <= int(kept.sum()) < 40
     assert torch.all(sae.W_enc.grad[:, ~kept] == 0)
     assert torch.all(sae.W_enc.grad[:, kept].abs().sum(0) > 0)

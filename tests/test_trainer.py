@@ -1,4 +1,9 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -6,7 +11,7 @@ import torch
 import saelab.train.history as history_module
 from saelab.activations import ActivationCache
 from saelab.config import DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainCommand, TrainConfig
-from saelab.errors import SaelabError
+from saelab.errors import Interrupted, SaelabError
 from saelab.sae import load_sae
 from saelab.train.trainer import Run, Trainer, learning_rate, plan_runs
 
@@ -126,6 +131,59 @@ def test_interrupted_training_resumes_to_the_identical_result(tmp_path, cache, m
     assert strip(tmp_path / "b" / "run" / "metrics.jsonl") == strip(tmp_path / "a" / "run" / "metrics.jsonl")
 
 
+def signal_during_step_17(monkeypatch, trainer: Trainer, signum: int) -> None:
+    """Run `trainer` with `signum` sent to this process while the first of its runs takes step 17."""
+    original = Run.step
+
+    def signal_at_17(self, batch, step, total, log):
+        if step == 17 and self is trainer.runs[0]:
+            os.kill(os.getpid(), signum)
+        return original(self, batch, step, total, log)
+
+    monkeypatch.setattr(Run, "step", signal_at_17)
+    with pytest.raises(Interrupted, match="after step 18 of 30.*--resume") as stopped:
+        trainer.fit()
+    assert stopped.value.signum == signum
+    monkeypatch.setattr(Run, "step", original)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_sweep_stops_every_run_after_the_same_step_and_resumes_exactly(tmp_path, cache, monkeypatch, signum):
+    def sweep(folder, **train):
+        cmd = command(folder, cache, sweep=["k=4", "k=8"], checkpoint_every=100, **train)
+        cmd.harvest.hooks = HOOKS  # 2 hooks x 2 sweep entries = 4 runs stepping on each batch
+        return cmd
+
+    reference = Trainer(sweep(tmp_path / "a"), progress=False)
+    reference.fit()
+    signal_during_step_17(monkeypatch, Trainer(sweep(tmp_path / "b"), progress=False), signum)
+    resumed = Trainer(sweep(tmp_path / "b", resume=True), progress=False)
+    assert resumed.start_step == 18 and len(resumed.runs) == 4
+    resumed.fit()
+    for mine, theirs in zip(resumed.runs, reference.runs, strict=True):
+        for a, b in zip(mine.sae.state_dict().values(), theirs.sae.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_sigterm_ends_the_cli_with_a_checkpoint_a_sentence_and_status_143(tmp_path, cache):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "saelab", "train", "--model", "tiny-native", "--cache", str(cache), "--out", str(out),
+            "--hooks", HOOKS[0], "--k", "8", "--expansion", "4", "--batch-size", "64", "--train-tokens", str(64 * 100_000),
+            "--init-tokens", "1024", "--log-every", "1", "--quiet"]
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("saelab: stopped by SIGTERM after step") and "Traceback" not in stderr
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert step >= 1 and f"after step {step} of 100000" in lines[-1]
+
+
 def test_resume_with_another_config_or_nothing_to_resume(tmp_path, cache):
     with pytest.raises(SaelabError, match="Nothing to resume"):
         Trainer(command(tmp_path, cache, resume=True), progress=False)
@@ -175,6 +233,20 @@ def test_nan_loss_stops_with_step_and_a_good_checkpoint(tmp_path, cache, monkeyp
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 12
     assert all(torch.isfinite(t).all() for t in state["runs"][HOOKS[0]]["sae"].values())
+
+
+def test_nan_in_the_initialisation_sample_stops_before_anything_is_written(tmp_path, cache, monkeypatch):
+    original = ActivationCache.read
+
+    def poisoned(self, index, hooks=None, grads=False):
+        batch = original(self, index, hooks, grads)
+        batch.acts[HOOKS[0]][5, 2] = float("inf")
+        return batch
+
+    monkeypatch.setattr(ActivationCache, "read", poisoned)
+    with pytest.raises(SaelabError, match=f"initialisation sample holds NaN/Inf activations at {HOOKS[0]} \\(1 of 2048"):
+        Trainer(command(tmp_path, cache), progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_cache_without_the_hook_is_a_clear_error(tmp_path, cache):
@@ -267,3 +339,11 @@ def test_resumed_run_writes_the_same_latent_history(tmp_path, cache, monkeypatch
     assert 2 <= len(reference["tokens"]) < 4
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_a_second_writer_on_the_same_out_is_refused_until_the_first_is_done(tmp_path, cache):
+    first = Trainer(command(tmp_path, cache, train_tokens=256 * 4), progress=False)
+    with pytest.raises(SaelabError, match="Another saelab process is writing to .*run; wait for it"):
+        Trainer(command(tmp_path, cache, train_tokens=256 * 4), progress=False)
+    first.fit()
+    Trainer(command(tmp_path, cache, train_tokens=256 * 4, resume=True), progress=False).fit()  # free again

@@ -40,6 +40,7 @@ from saelab.config import CacheCommand, to_dict
 from saelab.data import token_contexts
 from saelab.dtypes import parse_dtype
 from saelab.errors import SaelabError
+from saelab.locking import FolderLock
 
 FORMAT = "saelab-activation-cache"
 FORMAT_VERSION = 1
@@ -87,6 +88,26 @@ def write_atomic(path: Path, data: bytes) -> None:
                 "--storage-dtype bfloat16 to halve the size) and rerun the same command to resume."
             ) from exc
         raise
+
+
+REPAIR_ADVICE = (
+    "Repair the cache by rerunning the `saelab cache` command that built it with --overwrite added: only the bad "
+    "shards are harvested again (a corrupt manifest.json means a full rebuild)"
+)
+
+
+def shard_problem(folder: Path, shard: dict[str, Any], verify: bool = True) -> str:
+    """What is wrong with one manifest shard entry's file in `folder` ('' if nothing): missing, the wrong size,
+    or (verify) a checksum that does not match."""
+    file = folder / shard["file"]
+    if not file.is_file():
+        return "is missing"
+    size = file.stat().st_size
+    if size != shard["bytes"]:
+        return f"has {size} bytes where the manifest says {shard['bytes']} ({'truncated' if size < shard['bytes'] else 'too long'})"
+    if verify and file_checksum(file) != shard["checksum"]:
+        return "is corrupt (its checksum does not match the manifest)"
+    return ""
 
 
 def _identity(config: CacheCommand) -> dict[str, Any]:
@@ -145,9 +166,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise SaelabError(f"{file} is corrupt ({exc}). Rebuild the cache with --overwrite.") from exc
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SaelabError(f"{file} is corrupt ({exc}). {REPAIR_ADVICE}.") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise SaelabError(f"{file} is not a saelab activation cache of format version {FORMAT_VERSION}.")
     return manifest
 
@@ -168,10 +189,16 @@ def _open_for_build(out: Path, config: CacheCommand) -> dict[str, Any] | None:
             f"{out} exists and is not a saelab cache; refusing to write into it. Choose another folder (--out for "
             "`saelab cache`, --cache for `saelab train`), or pass --overwrite to `saelab cache` to delete its contents."
         )
-    manifest = read_manifest(out)
+    try:
+        manifest = read_manifest(out)
+    except SaelabError:
+        if not config.cache.overwrite:
+            raise
+        shutil.rmtree(out)  # an unreadable manifest: nothing in the folder can be trusted
+        return None
     mismatch = _describe_mismatch(manifest["identity"], _identity(config))
     if mismatch:
-        if config.cache.overwrite:
+        if config.cache.overwrite or not manifest["shards"]:  # nothing harvested yet (e.g. the corpus failed)
             shutil.rmtree(out)
             return None
         raise SaelabError(
@@ -187,11 +214,18 @@ def build_cache(config: CacheCommand, model=None, progress: bool = True) -> Acti
     `model` (a TransformerBridge) defaults to loading `config.model.model`.
     """
     out = Path(config.cache.out)
-    storage_dtype = parse_dtype(config.cache.storage_dtype)
     if config.cache.n_tokens <= 0:
         raise SaelabError(f"--n-tokens must be positive (got {config.cache.n_tokens}).")
+    with FolderLock(out):
+        return _build(out, config, model, progress)
+
+
+def _build(out: Path, config: CacheCommand, model, progress: bool) -> ActivationCache:
+    storage_dtype = parse_dtype(config.cache.storage_dtype)
     manifest = _open_for_build(out, config)
-    if manifest is not None and manifest["complete"]:
+    bad = [] if manifest is None or not config.cache.overwrite else [
+        index for index, shard in enumerate(manifest["shards"]) if shard_problem(out, shard)]
+    if manifest is not None and manifest["complete"] and not bad:
         return ActivationCache(out)
     if model is None:
         from saelab.models import load_model
@@ -204,11 +238,20 @@ def build_cache(config: CacheCommand, model=None, progress: bool = True) -> Acti
     if manifest is None:
         manifest = _start_manifest(config, source)
         _write_manifest(out, manifest)
+    length = config.data.context_length
+    for index in bad:  # --overwrite on a cache with damaged shards: harvest just those contexts again
+        first, end = manifest["shards"][index]["contexts"]
+        shard_contexts = list(itertools.islice(token_contexts(config.data, model.tokenizer), first, end))
+        parts = [source.batch(torch.stack(shard_contexts[start : start + config.harvest.batch_contexts]),
+                              first_context=first + start).to(dtype=storage_dtype)
+                 for start in range(0, len(shard_contexts), config.harvest.batch_contexts)]
+        _write_shard(out, manifest, ActivationBatch.cat(parts), first, end - first, index)
+        if progress:
+            print(f"saelab: harvested shard {index} of {out} again ({end - first} contexts)")
     per_shard = manifest["contexts_per_shard"]
     planned = manifest["n_contexts_planned"]
     first = len(manifest["shards"]) * per_shard
     contexts = itertools.islice(token_contexts(config.data, model.tokenizer), first, planned)
-    length = config.data.context_length
     bar = tqdm(total=planned * length, initial=first * length, unit="tok", unit_scale=True,
                desc=f"caching {out}", disable=not progress)
     with bar:
@@ -231,19 +274,21 @@ def build_cache(config: CacheCommand, model=None, progress: bool = True) -> Acti
     return ActivationCache(out)
 
 
-def _write_shard(out: Path, manifest: dict[str, Any], batch: ActivationBatch, first: int, count: int) -> None:
-    index = len(manifest["shards"])
+def _write_shard(
+    out: Path, manifest: dict[str, Any], batch: ActivationBatch, first: int, count: int, index: int | None = None
+) -> None:
+    """Write contexts first .. first + count as the next shard, or in place of shard `index`, and record it."""
+    index = len(manifest["shards"]) if index is None else index
     _check_finite(batch, index)
     tensors = {k: v.contiguous() for k, v in batch.to_tensors().items() if k not in META_KEYS}
     tensors[TOKEN_INFO] = torch.stack([getattr(batch, k) for k in META_KEYS], dim=1).to(torch.int32)
     data = safetensors_bytes(tensors)
     name = f"shard_{index:05d}.safetensors"
     write_atomic(out / name, data)
-    manifest["shards"].append(
-        {"file": name, "n_tokens": len(batch), "contexts": [first, first + count], "bytes": len(data),
-         "checksum": checksum(data)}
-    )
-    manifest["n_tokens"] += len(batch)
+    entry = {"file": name, "n_tokens": len(batch), "contexts": [first, first + count], "bytes": len(data),
+             "checksum": checksum(data)}
+    manifest["shards"][index : index + 1] = [entry]
+    manifest["n_tokens"] = sum(shard["n_tokens"] for shard in manifest["shards"])
     _write_manifest(out, manifest)
 
 
@@ -285,17 +330,9 @@ class ActivationCache:
         self.storage_dtype = parse_dtype(self.manifest["storage_dtype"])
         shards = self.manifest["shards"]
         for shard in tqdm(shards, desc="verifying shards", disable=not (verify and progress)):
-            file = self.path / shard["file"]
-            if not file.is_file() or file.stat().st_size != shard["bytes"]:
-                size = file.stat().st_size if file.is_file() else "missing"
-                raise SaelabError(
-                    f"Shard {file} is truncated or missing (expected {shard['bytes']} bytes, found {size}). "
-                    "Rebuild the cache with --overwrite."
-                )
-            if verify and file_checksum(file) != shard["checksum"]:
-                raise SaelabError(
-                    f"Shard {file} is corrupt (checksum mismatch). Rebuild the cache with --overwrite."
-                )
+            problem = shard_problem(self.path, shard, verify)
+            if problem:
+                raise SaelabError(f"Shard {self.path / shard['file']} {problem}. {REPAIR_ADVICE}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch warns that the numpy maps are read-only
             self._shards = [_memmap_safetensors(self.path / s["file"]) for s in shards]
@@ -366,6 +403,15 @@ class ActivationCache:
                 restored = torch.empty_like(gathered[n])
                 restored[order] = gathered[n]
                 gathered[n] = restored
+        for n in names[:-1]:
+            finite = torch.isfinite(gathered[n]).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                token = int(index[int((~finite).nonzero()[0, 0])])
+                shard = int(torch.searchsorted(self._offsets, token, right=True)) - 1
+                raise SaelabError(
+                    f"The cache in {self.path} holds NaN/Inf in '{n}' at token {token} ({self.manifest['shards'][shard]['file']}). "
+                    f"{REPAIR_ADVICE}."
+                )
         info = gathered.pop(TOKEN_INFO).long()
         gathered.update({k: info[:, i] for i, k in enumerate(META_KEYS)})
         return ActivationBatch.from_tensors(gathered)

@@ -25,7 +25,7 @@ from saelab.kernels.backend import backend_for
 from saelab.kernels.layout import SparseLayout
 
 
-def _latent_sums(layout: SparseLayout, weights: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+def latent_sums(layout: SparseLayout, weights: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """[n_latents, d]: row i = sum over latent i's entries p of weights[p] * dense[token(p)]."""
     order, rows, latent_offsets = layout.transpose
     return backend_for(dense.device).bag_sum(rows, latent_offsets, weights[order], dense)
@@ -50,7 +50,7 @@ class _Decode(Function):
                 values.dtype
             )
         if ctx.needs_input_grad[1]:
-            grad_W = _latent_sums(layout, values.detach(), grad_out).to(W_dec.dtype)
+            grad_W = latent_sums(layout, values.detach(), grad_out).to(W_dec.dtype)
         return grad_values, grad_W, None
 
 
@@ -72,7 +72,7 @@ class _EncodeAt(Function):
         if ctx.needs_input_grad[0]:
             grad_x = backend_for(x_in.device).bag_sum(layout.indices, layout.offsets, grad, W_enc.T).to(x_in.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = _latent_sums(layout, grad, x_in.contiguous()).to(W_enc.dtype).T
+            grad_W = latent_sums(layout, grad, x_in.contiguous()).to(W_enc.dtype).T
         return grad_x, _center_grad(ctx, W_enc, grad_b), grad_W, grad_b, None, None
 
 

@@ -14,6 +14,7 @@ shared by the encoder and decoder backward passes.
 from __future__ import annotations
 
 from functools import cached_property
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -105,6 +106,17 @@ class SparseCode(NamedTuple):
         """From a dense [batch, n_latents] code, keeping its nonzero entries."""
         layout = SparseLayout.from_mask(code != 0)
         return cls(layout, code[layout.rows, layout.indices])
+
+    @classmethod
+    def cat(cls, codes: Sequence[SparseCode]) -> SparseCode:
+        """Codes of consecutive token blocks (same n_latents) -> one code over all their tokens, in order."""
+        offsets, start = [codes[0].layout.offsets[:1]], 0
+        for code in codes:
+            offsets.append(code.layout.offsets[1:] + start)
+            start += code.layout.nnz
+        indices = torch.cat([code.layout.indices for code in codes])
+        layout = SparseLayout(indices, torch.cat(offsets), codes[0].layout.n_latents)
+        return cls(layout, torch.cat([code.values for code in codes]))
 
     def dense(self) -> torch.Tensor:
         """[batch, n_latents]."""

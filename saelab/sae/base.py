@@ -131,6 +131,9 @@ class SAE(nn.Module):
     default_lr: ClassVar[float] = 2e-4  # scaled by (d_sae / 2**14) ** -0.5 when --lr is 0
     sparse_code: ClassVar[bool] = False  # the variant implements select / values_at / code_losses
     calibrates_inference: ClassVar[bool] = False  # calibrate_inference fixes its inference state after training
+    # penalty variants, whose codes shrink: the trainer refits W_dec and b_dec to the frozen codes after training
+    # (saelab.sae.refit, TrainConfig.decoder_refit_tokens)
+    refits_decoder: ClassVar[bool] = False
     # (section, option) of the one coefficient that sets this variant's L0, adapted by an L0Controller toward
     # --target-l0 while the option is 0 (saelab.sae.sparsity); None: the variant fixes its L0 itself (top-k family).
     sparsity_coefficient: ClassVar[tuple[str, str] | None] = None

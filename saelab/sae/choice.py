@@ -147,7 +147,9 @@ class ChoiceSAE(BatchTopKSAE):
         terms = super().code_losses(encoder, x_n, code, x_hat, ctx)
         coef = self.option("choice").zipf_coef
         if coef > 0:
-            terms["aux_zipf"] = coef * self.auxk_loss(encoder, x_n, x_hat, self.underused(ctx.dead), ctx.batch_variance)
+            terms["aux_zipf"] = coef * self.auxk_loss(
+                encoder, x_n, x_hat, self.underused(ctx.dead), ctx.batch_variance, k_aux=self.cfg.k
+            )
         return terms
 
     # -- running state --------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     if (folder / "sae_weights.safetensors").is_file():
         from saelab.sae.saelens import load_saelens
 
-        return load_saelens(folder, device=device)
+        return _check_finite(load_saelens(folder, device=device), folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise SaelabError(
             f"{folder} is not an SAE folder (needs {CONFIG} with {WEIGHTS}, or SAELens' sae_weights.safetensors)."
@@ -92,4 +92,16 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
         sae.load_state_dict(state)
     except RuntimeError as exc:
         raise SaelabError(f"The weights in {folder / WEIGHTS} do not match its {CONFIG} ({exc}).") from exc
-    return sae.to(device)
+    return _check_finite(sae, folder).to(device)
+
+
+def _check_finite(sae: SAE, folder: Path) -> SAE:
+    """Refuse weights with NaN or Inf, and buffers with NaN (an inference threshold may be +inf until learnt)."""
+    bad = [name for name, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad += [name for name, b in sae.named_buffers() if b.is_floating_point() and bool(torch.isnan(b).any())]
+    if bad:
+        raise SaelabError(
+            f"The SAE in {folder} holds NaN/Inf in {', '.join(bad)}; it cannot encode anything. Retrain it (a "
+            "training run stops at the first NaN loss and keeps a checkpoint of the last good state)."
+        )
+    return sae

@@ -228,8 +228,9 @@ class ThresholdSAE(SAE):
     Loss (sum reduction): ||x - x_hat||^2 + 2 sum_i P(a_i), averaged over tokens, i.e. exactly
     2 * mean_B J(a) with J = 1/2 ||x - x_hat||^2 + sum_i P(a_i), the sparse-coding objective whose proximal
     step (step gamma) is the activation; P is `threshold_penalty` of the family. With --mse-reduction mean both
-    terms are divided by d_in, so lambda keeps its meaning. The decoder has unit-norm rows, so CEL0's ||d_i|| = 1
-    in practice (the actual norms are used anyway, detached).
+    terms are divided by d_in, so lambda keeps its meaning. The decoder trains with unit-norm rows, so CEL0 uses
+    ||d_i|| = 1 throughout: the code stays what it was trained to be after the decoder refit (saelab.sae.refit)
+    and folding, which change the stored row norms.
 
     The code keeps only the entries above the operator's zero region (`zero_below`), so training runs on the
     sparse kernels; gradients are exact, since every operator is flat at 0 there.
@@ -244,6 +245,7 @@ class ThresholdSAE(SAE):
     architecture = "threshold"
     sections = ("threshold",)
     sparsity_coefficient = ("threshold", "threshold_lambda")
+    refits_decoder = True
     sparse_code = True  # only entries above the operator's zero region are encoded, decoded and penalised
 
     def initial_sparsity_coef(self) -> float:
@@ -270,27 +272,17 @@ class ThresholdSAE(SAE):
                 f"(got {opt.threshold_gamma})."
             )
 
-    def _d_norm(self) -> torch.Tensor | float:
-        """CEL0's ||d_i|| [d_sae] in the normalised space (detached; folding the input scale c divides the stored
-        rows by c, so it is multiplied back); the other families do not use it."""
-        if self.option("threshold").threshold_family != "cel0":
-            return 1.0
-        return self.W_dec.detach().norm(dim=1) * self.metadata.get("folded_input_scale", 1.0)
-
     def _operator_args(self) -> tuple[str, float, float, float]:
         opt = self.option("threshold")
         return opt.threshold_family, float(self.sparsity_coef()), opt.threshold_gamma, opt.threshold_q
 
     def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
         """z [batch, d_sae] -> the entries where op(ReLU(z)) is nonzero: z above the family's zero region."""
-        return SparseLayout.from_mask(z > zero_below(*self._operator_args(), self._d_norm()))
+        return SparseLayout.from_mask(z > zero_below(*self._operator_args()))
 
     def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
         """a = op(ReLU(z)) at the kept entries [nnz], a >= 0 (same map in training and inference)."""
-        d_norm = self._d_norm()
-        if isinstance(d_norm, torch.Tensor):
-            d_norm = d_norm[layout.indices]
-        return threshold_op(z_at.relu(), *self._operator_args(), d_norm)
+        return threshold_op(z_at.relu(), *self._operator_args())
 
     def code_losses(
         self, encoder: EncoderPass, x_n: torch.Tensor, code: SparseCode, x_hat: torch.Tensor, ctx: StepContext
@@ -298,9 +290,6 @@ class ThresholdSAE(SAE):
         """{"sparsity": 2 mean_B sum_i P(a_i)} over the code's entries (P(0) = 0), divided by d_in under mean
         reduction; see the class docstring."""
         family, lam, _, q = self._operator_args()
-        d_norm = self._d_norm()
-        if isinstance(d_norm, torch.Tensor):
-            d_norm = d_norm[code.layout.indices]
-        penalty = threshold_penalty(code.values, family, lam, q, d_norm)
+        penalty = threshold_penalty(code.values, family, lam, q)
         scale = 2.0 if self.cfg.mse_reduction == "sum" else 2.0 / self.d_in
         return {"sparsity": scale * ctx.sparsity_scale * penalty.sum() / code.layout.batch}

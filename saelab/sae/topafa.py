@@ -35,7 +35,7 @@ import torch
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout
 from saelab.sae.base import EncoderPass, StepContext
-from saelab.sae.topk import TopKSAE
+from saelab.sae.topk import TopKSAE, summed_variance
 
 
 class AFASelection(NamedTuple):
@@ -222,9 +222,11 @@ class TopAFASAE(TopKSAE):
         return afa_layout(u, self.W_dec.detach().norm(dim=1), self.target_norm(encoder.x_n), self.rank_cap)
 
     def code_losses(self, encoder, x_n, code, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """AuxK (from TopKSAE) and afa_coef * mean_B (||a|| - ||x_n||)^2."""
+        """AuxK (from TopKSAE) and afa_coef * sum_B (||a|| - ||x_n - b_dec||)^2 / sum_B ||x_n - mean(x_n)||^2
+        (b_dec detached; normalised as the MSE is)."""
         terms = super().code_losses(encoder, x_n, code, x_hat, ctx)
         squared_norms = torch.zeros(len(x_n), dtype=code.values.dtype, device=x_n.device)
         code_norms = squared_norms.index_add(0, code.layout.rows, code.values.pow(2)).sqrt()
-        terms["afa"] = self.option("afa").afa_coef * (code_norms - x_n.norm(dim=-1)).pow(2).mean()
+        gap = code_norms - (x_n - self.b_dec.detach()).norm(dim=-1)
+        terms["afa"] = self.option("afa").afa_coef * gap.pow(2).sum() / summed_variance(x_n, ctx.batch_variance)
         return terms

@@ -26,11 +26,15 @@ def normalized_mse(
 ) -> torch.Tensor:
     """sum ||target - estimate||^2 / sum ||target - mean(target)||^2 over a batch [batch, d] (the denominator from
     batch_variance(target) when given: StepContext.batch_variance)."""
-    if batch_variance is None:
-        variance = (target - target.mean(dim=0)).pow(2).sum()
-    else:
-        variance = batch_variance(target)
-    return (target - estimate).pow(2).sum() / variance.clamp_min(1e-12)
+    return (target - estimate).pow(2).sum() / summed_variance(target, batch_variance)
+
+
+def summed_variance(
+    target: torch.Tensor, batch_variance: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """sum ||target - mean(target)||^2 over a batch [batch, d] (batch_variance(target) when given), at least 1e-12."""
+    variance = (target - target.mean(dim=0)).pow(2).sum() if batch_variance is None else batch_variance(target)
+    return variance.clamp_min(1e-12)
 
 
 def topk_layout(scores: torch.Tensor, k: int) -> SparseLayout:
@@ -84,14 +88,15 @@ class TopKSAE(SAE):
 
     def auxk_loss(
         self, encoder: EncoderPass, x_n: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor | None,
-        batch_variance: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        batch_variance: Callable[[torch.Tensor], torch.Tensor] | None = None, k_aux: int | None = None,
     ) -> torch.Tensor:
         """AuxK: the `dead` latents' top-k_aux entries (by aux_scores, values as the main code) reconstruct the
-        detached residual e = x_n - x_hat: ||e - e_hat||^2 / ||e - mean(e)||^2; 0 if none of them is dead."""
+        detached residual e = x_n - x_hat: ||e - e_hat||^2 / ||e - mean(e)||^2; 0 if none of them is dead.
+        k_aux defaults to --k-aux (0: d_in / 2)."""
         n_dead = 0 if dead is None else int(dead.sum())
         if n_dead == 0:
             return x_n.new_zeros(())
-        k_aux = min(self.option("aux").k_aux or self.d_in // 2, n_dead)
+        k_aux = min(k_aux or self.option("aux").k_aux or self.d_in // 2, n_dead)
         residual = (x_n - x_hat).detach()
         layout = topk_layout(self.aux_scores(encoder.z).masked_fill(~dead, float("-inf")), k_aux)
         aux_code = SparseCode(layout, self.values_at(encoder.at(layout), layout, None))

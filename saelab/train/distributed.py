@@ -55,6 +55,14 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (every rank must call it at the same point)."""
+        if self.size == 1:
+            return flag
+        reduced = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return bool(reduced)
+
 
 def launch(train: TrainConfig, device: str) -> World:
     """Join the torchrun job described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).

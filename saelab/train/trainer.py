@@ -27,6 +27,7 @@ import io
 import json
 import math
 import re
+import signal
 import time
 import typing
 from dataclasses import dataclass, field
@@ -40,12 +41,15 @@ from saelab.activations import ActivationBatch
 from saelab.activations.cache import write_atomic
 from saelab.config import SAE_SECTIONS, TrainCommand, TrainConfig, to_dict
 from saelab.devices import autocast_dtype
-from saelab.errors import SaelabError
+from saelab.errors import Interrupted, SaelabError
+from saelab.locking import FolderLock
 from saelab.sae.base import SAE, StepContext
 from saelab.sae.io import save_sae
+from saelab.sae.refit import refit_decoder
 from saelab.sae.registry import create_sae, sae_class
 from saelab.train.distributed import DATA, MODULES, Replica, World, assign_runs, launch, shutdown
 from saelab.train.history import LATENT_HISTORY, LatentRecorder
+from saelab.train.interrupt import StopSignals
 from saelab.train.resample import resample_dead_latents
 from saelab.train.step import train_step
 from saelab.train.stream import Prefetcher, open_stream
@@ -163,6 +167,13 @@ class Run:
     def initialize(self, sample: ActivationBatch) -> None:
         """Input scale c = sqrt(d_in) / E||x|| (constant mode) and the variant's data-dependent init."""
         x = sample.acts[self.spec.hook].float()
+        finite = torch.isfinite(x).all(dim=1)
+        if not bool(finite.all()):
+            raise SaelabError(
+                f"The initialisation sample holds NaN/Inf activations at {self.spec.hook} ({int((~finite).sum())} of "
+                f"{len(x)} tokens); nothing was trained or saved. A float16 model can overflow: use --model-dtype "
+                "float32 or bfloat16."
+            )
         if self.sae.cfg.input_norm == "constant":
             self.sae.input_scale.fill_(math.sqrt(self.sae.d_in) / x.norm(dim=1).mean().clamp_min(1e-12))
         x_n, _ = self.sae.normalize(x)
@@ -225,6 +236,12 @@ class Run:
         """Fix the SAE's inference state from a training `sample` once training ends (see SAE.calibrate_inference)."""
         x_n, _ = self.sae.normalize(sample.acts[self.spec.hook].to(self.sae.W_dec.device).float())
         self.sae.calibrate_inference(x_n)
+
+    def refit(self, sample: ActivationBatch) -> None:
+        """Refit the decoder to the frozen codes of a training `sample` (saelab.sae.refit); the held-out MSE before
+        and after goes into the SAE's metadata."""
+        x_n, _ = self.sae.normalize(sample.acts[self.spec.hook].to(self.sae.W_dec.device).float())
+        self.sae.metadata["decoder_refit"] = refit_decoder(self.sae, x_n)._asdict()
 
     def resample_due(self, steps_done: int) -> bool:
         """Neuron resampling (2023 ReLU form) is due after this many steps."""
@@ -300,6 +317,7 @@ class Trainer:
             )
         # Files this rank writes: all of them on rank 0; with --distribute-modules, each rank those of its runs.
         self.writes = world.main or world.mode == MODULES
+        self.lock = FolderLock(self.out) if world.main else None  # held until fit() returns: one writer per --out
         split = world.mode == MODULES
         self.checkpoint = self.out / (f"checkpoint.rank{world.rank}.pt" if split else CHECKPOINT)
         self.metrics = self.out / (f"metrics.rank{world.rank}.jsonl" if split else METRICS)
@@ -384,6 +402,13 @@ class Trainer:
     def fit(self) -> list[Path]:
         """Train to --train-tokens (from the checkpoint when resuming); returns the saved SAE folders (on rank 0
         of a torchrun job those of every run, on the other ranks none)."""
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self) -> list[Path]:
         train = self.cmd.train
         self.out.mkdir(parents=True, exist_ok=True)
         if self.world.main:
@@ -394,12 +419,14 @@ class Trainer:
                    disable=not self.progress)
         started = time.time()
         since, waited = time.perf_counter(), 0.0  # start of the current log interval, data wait before it
+        stepped = 0
         try:
             with (bar, (open(self.metrics, "a") if self.writes else contextlib.nullcontext()) as log,
-                  Prefetcher(self.stream.batches(self.start_step), self.world.device) as batches):
+                  Prefetcher(self.stream.batches(self.start_step), self.world.device) as batches, StopSignals() as stop):
                 for batch in batches:
                     if step >= self.total_steps:
                         break
+                    stepped = 0  # runs that have stepped on this batch: a checkpoint is consistent only at 0
                     is_log_step = step % train.log_every == 0 or step == self.total_steps - 1
                     if is_log_step:  # data_wait: the share of the interval since the last log step spent waiting
                         now = time.perf_counter()
@@ -414,6 +441,7 @@ class Trainer:
                             if wandb_run is not None:
                                 wandb_run.log({f"{run.spec.name}/{k}": v for k, v in record.items()}, step=step)
                             bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
+                        stepped += 1
                     if is_log_step and log is not None:
                         log.flush()  # so `tail -f metrics.jsonl` shows progress
                     step += 1
@@ -424,8 +452,12 @@ class Trainer:
                             self.resample_events.append((run.spec.name, step, count))
                             if self.writes:
                                 bar.write(f"{run.spec.name}: resampled {count} dead latents after step {step}")
+                    stepped = 0
                     if step % train.checkpoint_every == 0:
                         self._save_checkpoint(step)
+                    if self.world.any(stop.received is not None):  # every rank stops after the same step
+                        self._save_checkpoint(step)
+                        raise Interrupted(stop.received or signal.SIGTERM, self._stopped_message(step, stop.received))
         except _NonFinite as exc:
             self._save_checkpoint(exc.step)
             raise SaelabError(
@@ -433,21 +465,35 @@ class Trainer:
                 f"the last good state is in {self.checkpoint}. Lower --lr (or check the activations), then "
                 "start again; --resume would continue with the same settings."
             ) from exc
-        except KeyboardInterrupt:
-            self._save_checkpoint(step)
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:  # raised mid-step by a second signal or outside the main thread
+            if stepped == 0:
+                self._save_checkpoint(step)
             raise
         self._save_checkpoint(step)
         if wandb_run is not None:
             wandb_run.finish()
         return self._finish(step)
 
+    def _stopped_message(self, step: int, signum: int | None) -> str:
+        name = signal.Signals(signum).name if signum else "a stop signal on another rank"
+        return (f"stopped by {name} after step {step} of {self.total_steps}; the checkpoint in {self.checkpoint} "
+                "holds it. Run the same command with --resume to continue to the same result.")
+
     def _finish(self, step: int) -> list[Path]:
         folders = []
         calibration = None
+        refit_samples: dict[int, ActivationBatch] = {}  # by size: a sweep may set decoder_refit_tokens per run
         for run in self.runs if self.writes else []:
             if run.sae.calibrates_inference:
                 calibration = calibration or self.stream.sample(self.cmd.train.init_tokens, draw=self.total_steps)
                 run.calibrate(calibration)
+            refit_tokens = run.spec.train.decoder_refit_tokens
+            if run.sae.refits_decoder and refit_tokens:
+                if refit_tokens not in refit_samples:
+                    refit_samples[refit_tokens] = self.stream.sample(refit_tokens, draw=self.total_steps + 1)
+                run.refit(refit_samples[refit_tokens])
             run.sae.metadata.update(trained_tokens=step * self.cmd.train.batch_size, run=run.spec.name,
                                     sweep=run.spec.overrides)
             folder = save_sae(run.sae, self.out / run.spec.name)
