@@ -120,7 +120,7 @@ def _command(commands, name: str, config_cls: type, handler, help: str, descript
     parser = commands.add_parser(name, help=help, description=description)
     add_arguments(parser, config_cls)
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
-    parser.set_defaults(run=handler)
+    parser.set_defaults(run=handler, command_cls=config_cls)
     return parser
 
 

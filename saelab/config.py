@@ -41,6 +41,12 @@ def option(default: Any, help: str, **checks: Any) -> Any:
 _CHECKS = {"choices", "min", "max", "above", "check"}
 
 
+def check_folder(value: str) -> None:
+    """An output folder option: refuse a path that names an existing file."""
+    if value and Path(value).exists() and not Path(value).is_dir():
+        raise SaelabError(f"{value} is a file, not a folder; choose a folder path for the output.")
+
+
 def _checked_value(name: str, tp: Any, value: Any, checks: dict[str, Any]) -> Any:
     """`value` of option `name` converted to `tp` (int -> float only) and checked; a SaelabError otherwise."""
     flag = _flag(name)
@@ -134,7 +140,7 @@ class HarvestConfig(Section):
 
 @dataclass
 class CacheConfig(Section):
-    out: str = option("runs/cache", "Output folder for shards and manifest.json.")
+    out: str = option("runs/cache", "Output folder for shards and manifest.json.", check=check_folder)
     n_tokens: int = option(200_000, "Tokens to run through the model (contexts x context_length, rounded up).", min=1)
     storage_dtype: str = option(
         "float32", "On-disk activation dtype: float32, bfloat16 or float16.", choices=("float32", "bfloat16", "float16")
@@ -333,7 +339,9 @@ class TrainConfig(Section):
         "'none' harvests live with a shuffle buffer instead (nothing written; resuming replays the harvest).",
     )
     cache_tokens: int = option(500_000, "Tokens to harvest when building the cache (training loops over it).", min=1)
-    out: str = option("runs/sae", "Output folder: one subfolder per trained SAE, plus logs and checkpoints.")
+    out: str = option(
+        "runs/sae", "Output folder: one subfolder per trained SAE, plus logs and checkpoints.", check=check_folder
+    )
     train_tokens: int = option(1_000_000, "Tokens to train on (per SAE).", min=1)
     batch_size: int = option(4096, "Tokens per optimiser step.", min=1)
     lr: float = option(
@@ -454,7 +462,9 @@ class ChoiceConfig(Section):
 
 @dataclass
 class AFAConfig(Section):
-    afa_coef: float = option(1 / 16, "top-AFA: weight of mean (||a|| - ||x||)^2.", min=0)
+    afa_coef: float = option(
+        1 / 16, "top-AFA: weight of sum (||a|| - ||x - b_dec||)^2 / sum ||x - mean(x)||^2 over the batch.", min=0
+    )
     afa_norm_scale: float = option(
         0.0, "top-AFA: k* matches the code norm to this times ||x - b_dec||; 0: adapted so the mean k* is --target-l0.",
         min=0,
@@ -509,7 +519,7 @@ class TrainCommand:
 @dataclass
 class DeadConfig(Section):
     sae: str = option("", "Saved SAE folder from `saelab train` (it holds latent_history.safetensors); or --run.")
-    out: str = option("", "Folder for dead_report.html and dead.json; empty: the --sae folder.")
+    out: str = option("", "Folder for dead_report.html and dead.json; empty: the --sae folder.", check=check_folder)
     dead_tokens: int = option(0, "Dead after this many tokens without firing; 0: the run's training threshold.", min=0)
     dense_threshold: float = option(
         0.1, "A latent firing on more than this fraction of tokens counts as dense.", above=0, max=1
@@ -610,6 +620,13 @@ class EvalCommand:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        if self.eval.skip_positions >= self.data.context_length:
+            raise SaelabError(
+                f"--skip-positions {self.eval.skip_positions} leaves nothing of a {self.data.context_length}-token "
+                "context to evaluate; use a value below --context-length."
+            )
+
 
 # --- dark matter -----------------------------------------------------------------------------------
 
@@ -648,7 +665,7 @@ class DarkMatterConfig(Section):
     )
     downstream_tokens: int = option(32_768, "Tokens of text for the downstream CE.", min=1)
     device: str = option("cpu", "Torch device for the SAEs, the least squares and the model.", check=check_device)
-    out: str = option("runs/darkmatter", "Folder for darkmatter.json and darkmatter.html.")
+    out: str = option("runs/darkmatter", "Folder for darkmatter.json and darkmatter.html.", check=check_folder)
 
 
 @dataclass
@@ -670,7 +687,9 @@ class DashboardConfig(Section):
     n_tokens: int = option(0, "Tokens of the cache to scan for examples and densities (0: all of them).", min=0)
     top_k: int = option(20, "Top-activating examples shown per latent.", min=1)
     quantile_examples: int = option(5, "Examples per activation-quantile bin.", min=0)
-    out: str = option("", "Folder for the static site (index.html, feature.html, data/); empty: <sae>/dashboard.")
+    out: str = option(
+        "", "Folder for the static site (index.html, feature.html, data/); empty: <sae>/dashboard.", check=check_folder
+    )
 
 
 @dataclass

@@ -173,8 +173,14 @@ def pack_contexts(
         yield from drain(batch)
 
 
-def token_contexts(config: DataConfig, tokenizer: Any) -> Iterator[torch.Tensor]:
-    """The configured corpus as a stream of [context_length] int64 token tensors. Raises if it holds no text."""
+def token_contexts(config: DataConfig, tokenizer: Any, max_length: int | None = None) -> Iterator[torch.Tensor]:
+    """The configured corpus as a stream of [context_length] int64 token tensors. Raises if it holds no text, or
+    (before reading any) if context_length exceeds `max_length`, the model's context window (model.cfg.n_ctx)."""
+    if max_length is not None and config.context_length > max_length:
+        raise SaelabError(
+            f"--context-length {config.context_length} is longer than the model's context window ({max_length} "
+            f"tokens); use at most {max_length}."
+        )
     produced = False
     for context in pack_contexts(iter_documents(config), tokenizer, config.context_length):
         produced = True

@@ -14,9 +14,12 @@ class FolderLock:
 
     def __init__(self, folder: str | Path):
         folder = Path(folder).absolute()
-        folder.parent.mkdir(parents=True, exist_ok=True)
         self.path = folder.parent / f".{folder.name}.saelab-lock"
-        self._handle = open(self.path, "a+")  # noqa: SIM115 (held open for the lock's lifetime)
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.path, "a+")  # noqa: SIM115 (held open for the lock's lifetime)
+        except OSError as exc:
+            raise SaelabError(f"Cannot write to {folder} ({exc.strerror}); choose a writable --out.") from exc
         try:
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

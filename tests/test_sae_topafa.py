@@ -207,10 +207,10 @@ def test_topafa_on_planted_data_reconstructs_with_norm_matched_codes(planted_top
     x = data.sample(4096)
     with torch.no_grad():
         out = sae.training_loss(x, StepContext())
-    assert float(out.terms["mse"]) < 0.05  # FVU
+    assert float(out.terms["mse"]) < 0.07  # FVU ~0.054
     acts = out.code.dense()
     l0 = (acts > 0).float().sum(-1)
-    assert 1 <= float(l0.mean()) < 191
+    assert 24 < float(l0.mean()) < 40  # ~32: dense next to the true ~2.9 (see the next test)
     # Norm matching: ||a|| tracks ||x - b_dec|| token by token (the AFA relation), though it falls short where
     # the encoder's whole positive output is smaller than the target.
     target = sae.target_norm(x)
@@ -221,12 +221,12 @@ def test_topafa_on_planted_data_reconstructs_with_norm_matched_codes(planted_top
 def test_topafa_densifies_on_a_superposed_planted_dictionary(planted_topafa):
     """What top-AFA does on the superposed toy (96 features in 32 dimensions, ~2.9 active per token), and why it
     does not recover the dictionary there (TopK does: mmcs 0.997). Nothing in the objective rewards a small k*:
-    the selection asks only sqrt(sum of the kept q) ~ ||x - b_dec|| and the AFA term only ||a|| ~ ||x||, which a
-    code spreading that norm over many small activations satisfies too; under superposition a linear + ReLU
-    encoder cannot give sparse codes that reconstruct exactly, so the MSE pulls towards dense codes. The encoder
-    shrinks until its whole positive output is about the target norm, k* becomes "every positive latent", and
-    the SAE is an unpenalised ReLU autoencoder (measured: L0 ~58, ~95% of the positive latents kept, FVU ~0.02,
-    mmcs ~0.49; the official formulation, afa_coef 0-8 and lr 3e-4-3e-3 behave alike). The true dictionary is
+    the selection asks only sqrt(sum of the kept q) ~ ||x - b_dec|| and the AFA term only ||a|| ~ ||x - b_dec||,
+    which a code spreading that norm over many small activations satisfies too; under superposition a linear +
+    ReLU encoder cannot give sparse codes that reconstruct exactly, so the MSE pulls towards dense codes. The
+    encoder shrinks until its positive output is not much more than the target norm, and k* takes most of the
+    positive latents (measured: L0 ~32, ~60% of the positive latents kept, FVU ~0.054, mmcs ~0.50; with the
+    official uncentred AFA term L0 ~58 and ~95%; afa_coef 0-8 and lr 3e-4-3e-3 behave alike). The true dictionary is
     not what this objective prefers: with W_dec = D and W_enc = D^T the selection keeps ~2.1 latents at FVU ~0.22;
     with W_dec frozen at D, training only the encoder densifies as well (L0 ~40 at 1500 steps)."""
     sae, data = planted_topafa
@@ -237,8 +237,8 @@ def test_topafa_densifies_on_a_superposed_planted_dictionary(planted_topafa):
         z = sae.encode_pre(x)
         selection = sae.afa_code(z, sae.target_norm(x))
     l0 = float(selection.k.float().mean())
-    assert l0 > 5 * true_l0  # ~58 vs ~2.9
-    assert l0 > 0.8 * float((z > 0).sum(-1).float().mean())  # nearly every positive latent is kept
+    assert l0 > 5 * true_l0  # ~32 vs ~2.9
+    assert l0 > 0.5 * float((z > 0).sum(-1).float().mean())  # most positive latents are kept (~60%)
 
     oracle = _sae(d_in=32, d_sae=96)
     with torch.no_grad():
@@ -247,7 +247,7 @@ def test_topafa_densifies_on_a_superposed_planted_dictionary(planted_topafa):
         oracle_out = oracle.training_loss(x, StepContext())
         trained_out = sae.training_loss(x, StepContext())
     assert float((oracle_out.code.dense() > 0).sum(-1).float().mean()) < true_l0  # ~2.1: interference inflates
-    assert float(oracle_out.terms["mse"]) > 4 * float(trained_out.terms["mse"])  # ~0.22 vs ~0.02
+    assert float(oracle_out.terms["mse"]) > 3 * float(trained_out.terms["mse"])  # ~0.22 vs ~0.054
 
 
 def test_topafa_recovers_a_planted_dictionary_without_superposition():

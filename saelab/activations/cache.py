@@ -241,7 +241,7 @@ def _build(out: Path, config: CacheCommand, model, progress: bool) -> Activation
     length = config.data.context_length
     for index in bad:  # --overwrite on a cache with damaged shards: harvest just those contexts again
         first, end = manifest["shards"][index]["contexts"]
-        shard_contexts = list(itertools.islice(token_contexts(config.data, model.tokenizer), first, end))
+        shard_contexts = list(itertools.islice(token_contexts(config.data, model.tokenizer, model.cfg.n_ctx), first, end))
         parts = [source.batch(torch.stack(shard_contexts[start : start + config.harvest.batch_contexts]),
                               first_context=first + start).to(dtype=storage_dtype)
                  for start in range(0, len(shard_contexts), config.harvest.batch_contexts)]
@@ -251,7 +251,7 @@ def _build(out: Path, config: CacheCommand, model, progress: bool) -> Activation
     per_shard = manifest["contexts_per_shard"]
     planned = manifest["n_contexts_planned"]
     first = len(manifest["shards"]) * per_shard
-    contexts = itertools.islice(token_contexts(config.data, model.tokenizer), first, planned)
+    contexts = itertools.islice(token_contexts(config.data, model.tokenizer, model.cfg.n_ctx), first, planned)
     bar = tqdm(total=planned * length, initial=first * length, unit="tok", unit_scale=True,
                desc=f"caching {out}", disable=not progress)
     with bar:

@@ -458,7 +458,7 @@ def run_eval(config: EvalCommand, progress: bool = True) -> tuple[list[dict[str,
             print(f"saelab: note: {note}", file=sys.stderr)
     model = load_model(model_name, device=config.model.device, dtype=config.model.model_dtype)
     n_contexts = math.ceil(options.n_tokens / config.data.context_length)
-    contexts = list(itertools.islice(token_contexts(config.data, model.tokenizer), skip, skip + n_contexts))
+    contexts = list(itertools.islice(token_contexts(config.data, model.tokenizer, model.cfg.n_ctx), skip, skip + n_contexts))
     if not contexts:
         raise SaelabError(
             f"The corpus holds no text after the {skip} skipped contexts; lower --skip-contexts or use another --seed."

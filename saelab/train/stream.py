@@ -99,7 +99,7 @@ class LiveStream:
     def _contexts(self, first_cycle: int = 0) -> Iterator[torch.Tensor]:
         for cycle in itertools.count(first_cycle):
             data = dataclasses.replace(self.cmd.data, seed=self.cmd.data.seed + cycle)
-            yield from token_contexts(data, self.model.tokenizer)
+            yield from token_contexts(data, self.model.tokenizer, self.model.cfg.n_ctx)
 
     def sample(self, n: int, draw: int = 0) -> ActivationBatch:
         """About n tokens harvested from the corpus order of cycle `draw` (its first contexts)."""
