@@ -202,7 +202,7 @@ def test_full_disk_keeps_finished_shards_and_resumes(tmp_path, tiny_model, monke
         real_fsync(fd)
 
     monkeypatch.setattr(cache_module.os, "fsync", fsync)
-    with pytest.raises(SaelabError, match="Disk full while writing .*shard_00002.*rerun the same command"):
+    with pytest.raises(SaelabError, match="Disk full while writing .*shard_00002.*--storage-dtype bfloat16 halves a cache\\), then rerun the same command"):
         build_cache(config, model=tiny_model, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard_00000.safetensors", "shard_00001.safetensors"]
     monkeypatch.setattr(cache_module.os, "fsync", real_fsync)

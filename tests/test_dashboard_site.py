@@ -342,3 +342,18 @@ def test_cli_with_the_real_collector(tiny_sae_and_cache):
             assert all(len(f["heads"]) == 4 and f["logits"] is not None for f in features if not f["dead"])
         else:
             assert all(f["heads"] is None and f["logits"] is None for f in features)
+
+
+def test_a_damaged_cache_shard_is_named_instead_of_read(tmp_path, tiny_sae_and_cache, capsys):
+    import shutil
+
+    sae_folder, cache = tiny_sae_and_cache
+    damaged = tmp_path / "cache"
+    shutil.copytree(cache, damaged)
+    shard = damaged / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    argv = ["dashboard", "--sae", str(sae_folder), "--cache", str(damaged), "--model", "none", "--out", str(tmp_path / "d")]
+    assert main([*argv, "--features", "0", "--quiet"]) == 2
+    assert "shard_00001.safetensors is corrupt" in capsys.readouterr().err

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -247,6 +248,25 @@ def test_nan_in_the_initialisation_sample_stops_before_anything_is_written(tmp_p
     with pytest.raises(SaelabError, match=f"initialisation sample holds NaN/Inf activations at {HOOKS[0]} \\(1 of 2048"):
         Trainer(command(tmp_path, cache), progress=False)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_full_disk_while_checkpointing_says_how_to_resume_the_training(tmp_path, cache, monkeypatch):
+    import saelab.activations.cache as cache_module
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module.os, "fsync", full)
+    with pytest.raises(SaelabError, match="Disk full while writing .*checkpoint.pt.*then run the same command with --resume") as raised:
+        Trainer(command(tmp_path, cache), progress=False).fit()
+    assert "storage-dtype" not in str(raised.value)  # the cache's advice does not apply
+
+
+def test_saved_sae_folders_get_the_usual_permissions(tmp_path, cache):
+    folder = Trainer(command(tmp_path, cache, train_tokens=256 * 2), progress=False).fit()[0]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_cache_without_the_hook_is_a_clear_error(tmp_path, cache):

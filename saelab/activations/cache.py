@@ -71,8 +71,12 @@ def file_checksum(path: Path, chunk: int = 1 << 24) -> str:
     return "xxh3_128:" + hasher.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a fsynced temporary file and a rename. Disk-full becomes a SaelabError."""
+CACHE_SPACE_HINT = " (--storage-dtype bfloat16 halves a cache)"
+
+
+def write_atomic(path: Path, data: bytes, resume: str = "rerun the same command to resume", hint: str = "") -> None:
+    """Write `data` to `path` via a fsynced temporary file and a rename. Disk-full becomes a SaelabError saying
+    how to go on (`resume`, plus an optional `hint` on saving space)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -84,8 +88,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SaelabError(
-                f"Disk full while writing {path}. Finished shards are kept; free some space (or use "
-                "--storage-dtype bfloat16 to halve the size) and rerun the same command to resume."
+                f"Disk full while writing {path}; what was finished before is kept. Free some space{hint}, then "
+                f"{resume}."
             ) from exc
         raise
 
@@ -174,7 +178,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2).encode())
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2).encode(), hint=CACHE_SPACE_HINT)
 
 
 def _open_for_build(out: Path, config: CacheCommand) -> dict[str, Any] | None:
@@ -284,7 +288,7 @@ def _write_shard(
     tensors[TOKEN_INFO] = torch.stack([getattr(batch, k) for k in META_KEYS], dim=1).to(torch.int32)
     data = safetensors_bytes(tensors)
     name = f"shard_{index:05d}.safetensors"
-    write_atomic(out / name, data)
+    write_atomic(out / name, data, hint=CACHE_SPACE_HINT)
     entry = {"file": name, "n_tokens": len(batch), "contexts": [first, first + count], "bytes": len(data),
              "checksum": checksum(data)}
     manifest["shards"][index : index + 1] = [entry]

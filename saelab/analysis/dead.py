@@ -297,7 +297,7 @@ def mean_activation(cache_path: str | Path, hook: str, d_in: int, n_tokens: int)
     """[d_in] mean of the first `n_tokens` activations of `hook` in a cache."""
     from saelab.activations.cache import ActivationCache
 
-    cache = ActivationCache(cache_path, verify=False)
+    cache = ActivationCache(cache_path)  # checksums checked: a damaged shard is named, not read
     cache.require(hook, d_in)
     batch = cache.read(torch.arange(min(n_tokens, cache.n_tokens)), hooks=[hook])
     return batch.acts[hook].double().mean(dim=0)

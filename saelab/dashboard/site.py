@@ -162,7 +162,7 @@ def build_dashboard(config: DashboardCommand, progress: bool = True) -> Path:
         raise SaelabError(
             f"The SAE in {options.sae} records no hook in its metadata, so no cache can be matched to it."
         )
-    cache = ActivationCache(options.cache, verify=False)
+    cache = ActivationCache(options.cache)  # checksums checked: a damaged shard is named, not read
     cache.require(hook, sae.d_in)
     model_name = config.model.model or sae.metadata.get("model", "")
     if not model_name:

@@ -32,6 +32,9 @@ def write_folder_atomic(folder: Path, files: dict[str, bytes]) -> None:
     """Write `files` (name -> bytes) into `folder` via a sibling temp folder and a rename."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the saved folder gets the usual permissions
     try:
         for name, data in files.items():
             (staging / name).write_bytes(data)

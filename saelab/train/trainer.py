@@ -364,7 +364,7 @@ class Trainer:
         torch.save({"step": step, "identity": _resume_identity(self.cmd), "rng": torch.get_rng_state(),
                     "runs": {run.spec.name: run.state() for run in self.runs}}, buffer)
         self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.checkpoint, buffer.getvalue())
+        write_atomic(self.checkpoint, buffer.getvalue(), resume="run the same command with --resume to continue")
 
     def _load_checkpoint(self, path: Path) -> None:
         try:  # weights_only: tensors and plain containers only, so a crafted file cannot run code
