@@ -367,3 +367,12 @@ def test_a_second_writer_on_the_same_out_is_refused_until_the_first_is_done(tmp_
         Trainer(command(tmp_path, cache, train_tokens=256 * 4), progress=False)
     first.fit()
     Trainer(command(tmp_path, cache, train_tokens=256 * 4, resume=True), progress=False).fit()  # free again
+
+
+def test_a_fresh_run_starts_its_metrics_over(tmp_path, cache):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "run": "old"}\n' * 3)
+    Trainer(command(tmp_path, cache, train_tokens=256 * 4), progress=False).fit()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["run"] != "old" for r in records) and len({r["step"] for r in records}) == len(records)
