@@ -166,6 +166,33 @@ def test_a_signal_mid_sweep_stops_every_run_after_the_same_step_and_resumes_exac
             assert torch.equal(a, b)
 
 
+def test_a_second_signal_mid_step_keeps_the_last_consistent_checkpoint(tmp_path, cache, monkeypatch):
+    def sweep(folder, **train):
+        return command(folder, cache, sweep=["k=4", "k=8"], checkpoint_every=7, **train)
+
+    reference = Trainer(sweep(tmp_path / "a"), progress=False)
+    reference.fit()
+    trainer = Trainer(sweep(tmp_path / "b"), progress=False)
+    original = Run.step
+
+    def two_signals_in_the_second_run(self, batch, step, total, log):
+        if step == 17 and self is trainer.runs[1]:  # the first run has already stepped on batch 17
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch, step, total, log)
+
+    monkeypatch.setattr(Run, "step", two_signals_in_the_second_run)
+    with pytest.raises(Interrupted, match="at once by a second SIGINT.*--resume"):
+        trainer.fit()
+    monkeypatch.setattr(Run, "step", original)
+    resumed = Trainer(sweep(tmp_path / "b", resume=True), progress=False)
+    assert resumed.start_step == 14  # the periodic checkpoint, not a half-stepped 17
+    resumed.fit()
+    for mine, theirs in zip(resumed.runs, reference.runs, strict=True):
+        for a, b in zip(mine.sae.state_dict().values(), theirs.sae.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+
+
 def test_sigterm_ends_the_cli_with_a_checkpoint_a_sentence_and_status_143(tmp_path, cache):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "saelab", "train", "--model", "tiny-native", "--cache", str(cache), "--out", str(out),

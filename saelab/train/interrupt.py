@@ -29,7 +29,8 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         if self.received is not None:
-            raise Interrupted(signum)
+            raise Interrupted(signum, f"stopped at once by a second {signal.Signals(signum).name}; the last checkpoint "
+                                      "is kept. Run the same command with --resume to continue from it.")
         self.received = signum
 
     def __exit__(self, *exc) -> None:

@@ -419,7 +419,7 @@ class Trainer:
                    disable=not self.progress)
         started = time.time()
         since, waited = time.perf_counter(), 0.0  # start of the current log interval, data wait before it
-        stepped = 0
+        stepped, stopped_by = 0, None
         try:
             with (bar, (open(self.metrics, "a") if self.writes else contextlib.nullcontext()) as log,
                   Prefetcher(self.stream.batches(self.start_step), self.world.device) as batches, StopSignals() as stop):
@@ -456,8 +456,8 @@ class Trainer:
                     if step % train.checkpoint_every == 0:
                         self._save_checkpoint(step)
                     if self.world.any(stop.received is not None):  # every rank stops after the same step
-                        self._save_checkpoint(step)
-                        raise Interrupted(stop.received or signal.SIGTERM, self._stopped_message(step, stop.received))
+                        stopped_by = stop.received or signal.SIGTERM  # None here: another rank got the signal
+                        break
         except _NonFinite as exc:
             self._save_checkpoint(exc.step)
             raise SaelabError(
@@ -465,19 +465,19 @@ class Trainer:
                 f"the last good state is in {self.checkpoint}. Lower --lr (or check the activations), then "
                 "start again; --resume would continue with the same settings."
             ) from exc
-        except Interrupted:
-            raise
-        except KeyboardInterrupt:  # raised mid-step by a second signal or outside the main thread
+        except KeyboardInterrupt:  # a second signal, mid-step: a checkpoint here is consistent only before any run stepped
             if stepped == 0:
                 self._save_checkpoint(step)
             raise
         self._save_checkpoint(step)
+        if stopped_by is not None:
+            raise Interrupted(stopped_by, self._stopped_message(step, stopped_by))
         if wandb_run is not None:
             wandb_run.finish()
         return self._finish(step)
 
-    def _stopped_message(self, step: int, signum: int | None) -> str:
-        name = signal.Signals(signum).name if signum else "a stop signal on another rank"
+    def _stopped_message(self, step: int, signum: int) -> str:
+        name = signal.Signals(signum).name
         return (f"stopped by {name} after step {step} of {self.total_steps}; the checkpoint in {self.checkpoint} "
                 "holds it. Run the same command with --resume to continue to the same result.")
 
