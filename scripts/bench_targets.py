@@ -1,12 +1,14 @@
 """Every architecture at one target L0 on SmolLM2, trained side by side on one cache and evaluated on held-out text.
 
     python scripts/bench_targets.py --target-l0 32 [--expansion 8] [--train-tokens 1000000] [--eval-tokens 16384]
+                                    [--only architecture=relu ...]
 
 One `saelab train` sweep (every SAE sees the same batches of runs/cache, built first if missing) with only
 `--target-l0` and the architecture set, so each variant runs at its defaults; then one `saelab eval` pass over
 held-out text for all of them (the contexts after the cache's). Prints a markdown table: held-out L0, FVU,
 dead fraction (never fired on the eval tokens), CE recovered (zero ablation) and each SAE's final sparsity
-coefficient. g-SAE is left out: it needs a cache with gradients (`--with-grads`) and is TopK at inference.
+coefficient. --only retrains a subset (topk always included, so the criterion's reference is measured in the
+same sweep; a variant's result does not depend on which others share the sweep). g-SAE is left out: it needs a cache with gradients (`--with-grads`) and is TopK at inference.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16_384)
     parser.add_argument("--cache", default="runs/cache")
     parser.add_argument("--out", default="")
+    parser.add_argument("--only", nargs="+", default=[], metavar="ENTRY",
+                        help="Train only these sweep entries (e.g. architecture=relu); topk is always kept, as the "
+                             "reference of the FVU criterion.")
     args = parser.parse_args()
+    entries = [e for e in ARCHITECTURES if not args.only or e in args.only or e == "architecture=topk"]
     out = Path(args.out or f"runs/targets-{args.target_l0:g}")
     saelab = [sys.executable, "-m", "saelab"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -45,7 +51,7 @@ def main() -> None:
         resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
         subprocess.run([*saelab, "train", "--cache", args.cache, "--out", str(out), "--expansion", str(args.expansion),
                         "--train-tokens", str(args.train_tokens), "--target-l0", str(args.target_l0),
-                        "--sweep", *ARCHITECTURES, *resume], check=True, env=env)
+                        "--sweep", *entries, *resume], check=True, env=env)
     folders = sorted(str(f.parent) for f in out.glob("*/sae.safetensors"))
     report = out / "eval.json"
     subprocess.run([*saelab, "eval", "--sae", *folders, "--n-tokens", str(args.eval_tokens), "--out", str(report)],

@@ -269,7 +269,7 @@ def test_dense_switch_bypasses_the_sparse_kernels(monkeypatch):
 
 def test_topafa_sparse_step_equals_the_dense_formula():
     """top-AFA trains on each token's top k* latents: loss and gradients equal the dense code of afa_select with
-    normalised MSE, AuxK and afa_coef * mean_B (||a|| - ||x||)^2."""
+    normalised MSE, AuxK and afa_coef * sum_B (||a|| - ||x - b_dec||)^2 / sum_B ||x - mean(x)||^2."""
     from saelab.sae.topafa import afa_select
 
     sae = make_sae("topafa", {"afa": AFAConfig(afa_coef=0.5)})
@@ -286,7 +286,9 @@ def test_topafa_sparse_step_equals_the_dense_formula():
     dead_z = z.detach().masked_fill(~ctx.dead, float("-inf"))
     aux_keep = torch.zeros_like(z, dtype=torch.bool).scatter(1, dead_z.topk(6, dim=1).indices, True)
     aux = normalized_mse((x - x_hat).detach(), (z.relu() * aux_keep) @ sae.W_dec)
-    loss = normalized_mse(x, x_hat) + 0.5 * aux + 0.5 * (a.norm(dim=-1) - x.norm(dim=-1)).pow(2).mean()
+    centred = (x - sae.b_dec.detach()).norm(dim=-1)
+    afa = (a.norm(dim=-1) - centred).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+    loss = normalized_mse(x, x_hat) + 0.5 * aux + 0.5 * afa
     loss.backward()
     torch.testing.assert_close(out.loss, loss)
     for got, p in zip(sparse_grads, sae.parameters()):
