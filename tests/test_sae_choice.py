@@ -171,8 +171,9 @@ def test_aux_zipf_loss_reaches_only_underused_latents():
     underused = sae.underused(None)
     assert set(underused.nonzero().flatten().tolist()) == set(low.tolist())
     x_hat = sae.decode(sae.activate(sae.encode_pre(x), StepContext())).detach()
-    loss = sae.auxk_loss(EncoderPass(sae, x, sparse_kernels=True), x, x_hat, underused)
+    loss = sae.auxk_loss(EncoderPass(sae, x, sparse_kernels=True), x, x_hat, underused, k_aux=sae.cfg.k)
     assert loss > 0
+    assert loss != sae.auxk_loss(EncoderPass(sae, x, sparse_kernels=True), x, x_hat, underused)  # not --k-aux
     loss.backward()
     touched = sae.W_dec.grad.abs().sum(dim=1) > 0
     assert touched.any() and not (touched & ~underused).any()

@@ -25,6 +25,7 @@ from saelab.sae.base import SAE
 from saelab.sae.registry import create_sae
 
 WEIGHTS = "sae.safetensors"
+LINEAR_WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
 CONFIG = "cfg.json"
 
 
@@ -99,9 +100,11 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 
 def _check_finite(sae: SAE, folder: Path) -> SAE:
-    """Refuse weights with NaN or Inf, and buffers with NaN (an inference threshold may be +inf until learnt)."""
-    bad = [name for name, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
-    bad += [name for name, b in sae.named_buffers() if b.is_floating_point() and bool(torch.isnan(b).any())]
+    """Refuse NaN anywhere and Inf in the encoder and decoder weights (a threshold may be infinite: +inf until
+    learnt, or a JumpReLU log-threshold of -inf for theta = 0)."""
+    tensors = [*sae.named_parameters(), *sae.named_buffers()]
+    bad = [name for name, t in tensors if t.is_floating_point() and bool(torch.isnan(t).any())]
+    bad += [name for name, t in tensors if name in LINEAR_WEIGHTS and bool(torch.isinf(t).any())]
     if bad:
         raise SaelabError(
             f"The SAE in {folder} holds NaN/Inf in {', '.join(bad)}; it cannot encode anything. Retrain it (a "
