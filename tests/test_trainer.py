@@ -393,6 +393,9 @@ def test_a_second_writer_on_the_same_out_is_refused_until_the_first_is_done(tmp_
     with pytest.raises(SaelabError, match="Another saelab process is writing to .*run; wait for it"):
         Trainer(command(tmp_path, cache, train_tokens=256 * 4), progress=False)
     first.fit()
+    with pytest.raises(SaelabError, match="Pass --resume") as failed:  # a failed set-up holds no lock ...
+        Trainer(command(tmp_path, cache, train_tokens=256 * 4), progress=False)
+    assert failed.traceback  # ... even while its traceback (and so the half-built Trainer) is kept
     Trainer(command(tmp_path, cache, train_tokens=256 * 4, resume=True), progress=False).fit()  # free again
 
 

@@ -296,7 +296,16 @@ class Trainer:
     """
 
     def __init__(self, cmd: TrainCommand, model=None, progress: bool = True, world: World | None = None):
-        self.world = world = world or World()
+        self.lock: FolderLock | None = None
+        try:
+            self._setup(cmd, model, progress, world or World())
+        except BaseException:  # a failed set-up frees --out at once (a kept traceback would hold the lock)
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _setup(self, cmd: TrainCommand, model, progress: bool, world: World) -> None:
+        self.world = world
         if world.device.type == "cuda":  # a live harvest runs on this rank's GPU too
             cmd = dataclasses.replace(cmd, model=dataclasses.replace(cmd.model, device=str(world.device)))
         self.cmd, self.progress = cmd, progress and world.main
