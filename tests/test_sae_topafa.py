@@ -146,7 +146,10 @@ def test_loss_terms_and_gradients_reach_only_kept_latents():
     assert float(out.terms["auxk"]) == 0.0  # nothing dead
     out.loss.backward()
     kept = (out.code.dense() > 0).any(dim=0)
-    assert 1 <= int(kept.sum()) < 40
+    with torch.no_grad():  # the kept latents are exactly afa_select's, computed from the definition
+        z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        expected = afa_select(z.relu(), sae.W_dec.norm(dim=1), (x - sae.b_dec).norm(dim=-1)).acts > 0
+    assert torch.equal(kept, expected.any(dim=0)) and 1 <= int(kept.sum()) < 40
     assert torch.all(sae.W_enc.grad[:, ~kept] == 0)
     assert torch.all(sae.W_enc.grad[:, kept].abs().sum(0) > 0)
 

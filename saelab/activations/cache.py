@@ -23,7 +23,7 @@ import os
 import shutil
 import struct
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,10 +246,8 @@ def _build(out: Path, config: CacheCommand, model, progress: bool) -> Activation
     for index in bad:  # --overwrite on a cache with damaged shards: harvest just those contexts again
         first, end = manifest["shards"][index]["contexts"]
         shard_contexts = list(itertools.islice(token_contexts(config.data, model.tokenizer, model.cfg.n_ctx), first, end))
-        parts = [source.batch(torch.stack(shard_contexts[start : start + config.harvest.batch_contexts]),
-                              first_context=first + start).to(dtype=storage_dtype)
-                 for start in range(0, len(shard_contexts), config.harvest.batch_contexts)]
-        _write_shard(out, manifest, ActivationBatch.cat(parts), first, end - first, index)
+        batch = _harvest(source, shard_contexts, first, config.harvest.batch_contexts, storage_dtype)
+        _write_shard(out, manifest, batch, first, end - first, index)
         if progress:
             print(f"saelab: harvested shard {index} of {out} again ({end - first} contexts)")
     per_shard = manifest["contexts_per_shard"]
@@ -266,16 +264,26 @@ def _build(out: Path, config: CacheCommand, model, progress: bool) -> Activation
                           "the cache holds all of them.")
                 manifest["n_contexts_planned"] = first
                 break
-            parts = []
-            for start in range(0, len(shard_contexts), config.harvest.batch_contexts):
-                chunk = torch.stack(shard_contexts[start : start + config.harvest.batch_contexts])
-                parts.append(source.batch(chunk, first_context=first + start).to(dtype=storage_dtype))
-                bar.update(chunk.numel())
-            _write_shard(out, manifest, ActivationBatch.cat(parts), first, len(shard_contexts))
+            batch = _harvest(source, shard_contexts, first, config.harvest.batch_contexts, storage_dtype, bar.update)
+            _write_shard(out, manifest, batch, first, len(shard_contexts))
             first += len(shard_contexts)
     manifest["complete"] = True
     _write_manifest(out, manifest)
     return ActivationCache(out)
+
+
+def _harvest(
+    source: ActivationSource, contexts: list[torch.Tensor], first: int, per_forward: int, dtype: torch.dtype,
+    harvested: Callable[[int], object] = lambda tokens: None,
+) -> ActivationBatch:
+    """One shard's activations: `contexts` (global indices from `first`) through the model `per_forward` at a
+    time, stored as `dtype`; `harvested(tokens)` after each forward (the progress bar)."""
+    parts = []
+    for start in range(0, len(contexts), per_forward):
+        chunk = torch.stack(contexts[start : start + per_forward])
+        parts.append(source.batch(chunk, first_context=first + start).to(dtype=dtype))
+        harvested(chunk.numel())
+    return ActivationBatch.cat(parts)
 
 
 def _write_shard(

@@ -1,7 +1,7 @@
 """Decoder refit: once training ends, least-squares W_dec and b_dec for the codes the encoder actually produces.
 
-Penalty-trained SAEs (L1, JumpReLU's L0, the threshold family) shrink their codes: the penalty pulls every
-activation toward zero, and the decoder, held at unit-norm rows, cannot make up for it. Wright and Sharkey
+SAEs trained with an L1 or threshold penalty (ReLU-L1, the threshold family) shrink their codes: the penalty pulls
+every activation toward zero, and the decoder, held at unit-norm rows, cannot make up for it. Wright and Sharkey
 (2024, "Addressing Feature Suppression in SAEs") fix this after training by freezing the encoder and fitting
 the decoder alone. With the codes F [T, n] of a sample x_n [T, d] fixed, the decoder is a linear least-squares
 problem in Theta = [W_dec; b_dec] [n + 1, d]:
@@ -13,10 +13,11 @@ dimension, started at Delta = 0 and preconditioned by the diagonal of F^T F + rh
 sparse decode (F p) and its transpose (F^T q): O(nnz * d), never an n x n Gram matrix, so any width refits.
 A held-out part of the sample (1/8) picks the iterate: CG stops once the held-out MSE stops falling, and the
 decoder is left as it was if no iterate beats it. The codes, and so L0 and the dead latents, do not change (an
-encoder that subtracts b_dec gets b_enc moved to match); decoder rows are no longer unit norm (folding at save moves the norms into the encoder where that is exact).
+encoder that subtracts b_dec gets b_enc moved to match); decoder rows are no longer unit norm (folding at save
+moves the norms into the encoder where that is exact).
 
-On SmolLM2 (blocks.15 residual, 8x, target L0 32) this takes ReLU-L1's held-out FVU from 0.41 to about 0.27,
-TopK's from 0.21 to 0.20 (BENCHMARKS.md).
+On SmolLM2 (blocks.15 residual, 8x, target L0 32) this takes ReLU-L1's held-out FVU from 0.42 to 0.27
+(BENCHMARKS.md); TopK, whose codes are not shrunk, gained only 0.21 to 0.20, so the top-k family is not refit.
 """
 
 from __future__ import annotations

@@ -428,14 +428,13 @@ class Trainer:
                    disable=not self.progress)
         started = time.time()
         since, waited = time.perf_counter(), 0.0  # start of the current log interval, data wait before it
-        stepped, stopped_by = 0, None
+        stepped, stopped_by = 0, None  # stepped: runs that have stepped on the current batch (0 between steps)
         try:
             with (bar, (open(self.metrics, "a") if self.writes else contextlib.nullcontext()) as log,
                   Prefetcher(self.stream.batches(self.start_step), self.world.device) as batches, StopSignals() as stop):
                 for batch in batches:
                     if step >= self.total_steps:
                         break
-                    stepped = 0  # runs that have stepped on this batch: a checkpoint is consistent only at 0
                     is_log_step = step % train.log_every == 0 or step == self.total_steps - 1
                     if is_log_step:  # data_wait: the share of the interval since the last log step spent waiting
                         now = time.perf_counter()
