@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 import threading
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
+from saelab.commands import CommandResult
 from saelab.config import (
     CacheCommand,
     DarkMatterCommand,
@@ -17,79 +20,20 @@ from saelab.config import (
     EvalCommand,
     ModelConfig,
     SteerCommand,
-    TrainCommand,
     add_arguments,
     from_args,
 )
 from saelab.errors import Interrupted, SaelabError
+from saelab.train.command import TrainCommand
 
 
-def _cache(args: argparse.Namespace) -> None:
-    from saelab.activations.cache import build_cache
-
-    config = from_args(CacheCommand, args)
-    cache = build_cache(config, progress=not args.quiet)
-    print(cache.summary())
-
-
-def _train(args: argparse.Namespace) -> None:
-    from saelab.train.trainer import train
-
-    config = from_args(TrainCommand, args)
-    folders = train(config, progress=not args.quiet)  # none on the other ranks of a torchrun job
-    for folder in folders:
-        print(f"saved SAE: {folder}")
-    if folders:
-        print(f"metrics: {config.train.out}/metrics.jsonl, curves: {config.train.out}/training_curves.html")
-
-
-def _dead(args: argparse.Namespace) -> None:
-    from saelab.analysis.dead import dead_report
-
-    summary, page, data = dead_report(from_args(DeadCommand, args).dead, progress=not args.quiet)
-    dead, density = summary["dead"], summary["final_density"]
-    print(f"dead at the end: {dead['at_end']} of {summary['d_sae']} ({100 * dead['fraction_at_end']:.2f}%); "
-          f"ever dead {dead['ever']}, revived {dead['revived']} ({dead['revived_after_resample']} after resampling); "
-          f"dense {100 * density['dense_fraction']:.2f}%")
-    print(f"report: {page}, summary: {data}")
-
-
-def _eval(args: argparse.Namespace) -> None:
-    from saelab.analysis.evaluate import format_table, run_eval
-
-    results, written = run_eval(from_args(EvalCommand, args), progress=not args.quiet)
-    print(format_table(results))
-    print(f"{results[0]['n_tokens']:,} tokens in {results[0]['seconds']:.0f} s; metrics: {', '.join(map(str, written))}")
-
-
-def _darkmatter(args: argparse.Namespace) -> None:
-    from saelab.analysis.darkmatter import run_darkmatter, summary_rows
-    from saelab.analysis.report import format_value
-
-    config = from_args(DarkMatterCommand, args)
-    result = run_darkmatter(config, progress=not args.quiet)
-    for row in summary_rows(result):
-        print("  ".join(f"{key} {format_value(value)}" for key, value in row.items()))
-    if result.downstream:
-        ce = result.downstream
-        print(f"downstream CE over {ce['tokens']:,} positions: clean {ce['clean']:.4f}, x spliced {ce['input']:.4f}")
-        for s in result.saes:
-            print(f"  {s.name}: " + ", ".join(f"{part} {value:.4f}" for part, value in s.downstream.items()))
-    out = config.darkmatter.out
-    print(f"{result.setup['wall_seconds']['total']:.0f} s; report: {out}/darkmatter.html, numbers: {out}/darkmatter.json")
-
-
-def _dashboard(args: argparse.Namespace) -> None:
-    from saelab.dashboard.site import build_dashboard
-
-    index = build_dashboard(from_args(DashboardCommand, args), progress=not args.quiet)
-    print(f"dashboard: {index} (open it in a browser; it works offline, from disk)")
-
-
-def _steer(args: argparse.Namespace) -> None:
-    from saelab.steering import run_steer
-
-    print(run_steer(from_args(SteerCommand, args)))
+def _run(args: argparse.Namespace) -> None:
+    """Every config-driven subcommand: saelab.commands.<name>.run, then print the result's lines."""
+    command = importlib.import_module(f"saelab.commands.{args.command}")
+    result: CommandResult = command.run(from_args(args.command_cls, args), progress=not args.quiet)
+    lines = result.lines()
+    if lines:  # the other ranks of a torchrun job report nothing
+        print("\n".join(lines))
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -115,99 +59,99 @@ def _hooks(args: argparse.Namespace) -> None:
         print("\n".join(names))
 
 
-def _command(commands, name: str, config_cls: type, handler, help: str, description: str) -> argparse.ArgumentParser:
-    """A subcommand whose flags come from `config_cls`, plus --quiet (no progress bars)."""
-    parser = commands.add_parser(name, help=help, description=description)
-    add_arguments(parser, config_cls)
-    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
-    parser.set_defaults(run=handler, command_cls=config_cls)
-    return parser
+class _Subcommand(NamedTuple):
+    """A subcommand whose flags come from its `config` dataclass; `handler(args)` runs it."""
+
+    name: str
+    config: type
+    handler: Callable[[argparse.Namespace], None]
+    help: str
+    description: str
+
+    def add_to(self, commands) -> argparse.ArgumentParser:
+        """Its parser among `commands` (argparse subparsers): the config's flags plus --quiet (no progress bars)."""
+        parser = commands.add_parser(self.name, help=self.help, description=self.description)
+        add_arguments(parser, self.config)
+        parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+        parser.set_defaults(run=self.handler, command_cls=self.config)
+        return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `saelab` parser: one subparser per command, flags from its dataclass config."""
-    parser = _Parser(prog="saelab", description="Sparse-autoencoder interpretability toolkit.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    _command(
-        commands,
+SUBCOMMANDS = (
+    _Subcommand(
         "cache",
         CacheCommand,
-        _cache,
+        _run,
         help="Harvest activations from a model over a corpus into an on-disk cache (resumable).",
         description="Harvest activations at one or more hooks into sharded safetensors with a manifest. "
         "Rerunning the same command resumes an interrupted build.",
-    )
-
-    _command(
-        commands,
+    ),
+    _Subcommand(
         "train",
         TrainCommand,
-        _train,
+        _run,
         help="Train SAEs (TopK on the embedded default with no arguments).",
         description="Train one SAE per hook (or per --sweep entry) from an activation cache, building the cache "
         "first if it does not exist. Ctrl-C writes a checkpoint; --resume continues it to the same result.",
-    )
-
-    dead = _command(
-        commands,
+    ),
+    _Subcommand(
         "dead",
         DeadCommand,
-        _dead,
+        _run,
         help="Dead-latent statistics of a trained SAE: when latents died, revivals, densities, dense/dead geometry.",
         description="Read the latent history `saelab train` saves beside each SAE and write dead_report.html (plotly "
         "figures) and dead.json: tokens since last firing, firing frequencies over training, which latents died "
         "and when, revivals after resampling or otherwise, dense / ultra-low densities and decoder geometry.",
-    )
-    dead.add_argument("--run", dest="sae", default=argparse.SUPPRESS, help="The same as --sae.")
-
-    _command(
-        commands,
+    ),
+    _Subcommand(
         "eval",
         EvalCommand,
-        _eval,
+        _run,
         help="Evaluate SAEs: reconstruction, sparsity, CE loss recovered and KL when spliced into the model.",
         description="Evaluate one or more SAEs (saelab or SAELens folders) in one pass over held-out text: FVU, MSE, "
         "cosine, shrinkage, L0, dead/dense latents, CE loss recovered (vs zero and mean ablation), delta LM loss "
         "and KL. Writes a JSON per SAE and prints a table.",
-    )
-
-    _command(
-        commands,
+    ),
+    _Subcommand(
         "darkmatter",
         DarkMatterCommand,
-        _darkmatter,
+        _run,
         help="Split SAE errors into a part linear in the input and a nonlinear rest (Engels et al. 2024).",
         description="Fit the least-squares map W* from activations x to SAE errors e = x - x_hat on cached tokens, "
         "then report on held-out tokens: R2 of e from x W*, linear predictions of ||e||^2, ||x_hat||^2, ||x||^2 and "
         "||eps_NL||^2, the nonlinear FVU, whether the SAEs fail on the same tokens and (--downstream) the CE with "
         "x_hat plus the linear or the nonlinear error. Writes darkmatter.json and darkmatter.html.",
-    )
-
-    _command(
-        commands,
+    ),
+    _Subcommand(
         "dashboard",
         DashboardCommand,
-        _dashboard,
+        _run,
         help="Build a static, offline feature-dashboard site for an SAE (index table + one page per latent).",
         description="Scan an activation cache with the SAE and write a static site (no server, no internet): an "
         "index of all latents to sort and filter, and per-latent pages with top and quantile examples highlighted "
         "token by token, activation histograms, logit effects, decoder-cosine neighbours and (hook_z) attention-head "
         "attribution. Open index.html in a browser.",
-    )
-
-    _command(
-        commands,
+    ),
+    _Subcommand(
         "steer",
         SteerCommand,
-        _steer,
+        _run,
         help="Complete a prompt with and without steering by SAE latents (add, clamp or project out).",
         description="Generate completions of --prompt from the SAE's model, first clean, then with the latents' "
         "decoder directions added (--mode add), the latents clamped in the SAE basis keeping the SAE error (clamp) "
         "or the component along them rescaled (project), for each --alpha; also prints the next-token loss on "
         "--reference with and without steering. The Python API (saelab.steering) does more: several "
         "interventions, sweeps, feature lookup.",
-    )
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `saelab` parser: one subparser per command, flags from its dataclass config."""
+    parser = _Parser(prog="saelab", description="Sparse-autoencoder interpretability toolkit.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    parsers = {sub.name: sub.add_to(commands) for sub in SUBCOMMANDS}
+    parsers["dead"].add_argument("--run", dest="sae", default=argparse.SUPPRESS, help="The same as --sae.")
 
     info = commands.add_parser("info", help="Summarise an activation cache.", description="Summarise a cache folder.")
     info.add_argument("path", help="Cache folder (holds manifest.json).")

@@ -32,9 +32,9 @@ import torch
 from saelab.activations.hooks import per_token, resolve_hooks
 from saelab.activations.source import ActivationSource
 from saelab.analysis.splice import next_token_losses, run_logits, splice_keep_mask
-from saelab.config import SteerCommand
 from saelab.errors import SaelabError
 from saelab.sae.base import SAE
+from saelab.sae.io import recorded_hook
 
 Positions = str | int | Sequence[int]
 Features = int | Sequence[int]
@@ -58,7 +58,7 @@ def _per_feature(values: float | Sequence[float], n: int, what: str) -> torch.Te
 def raw_change(sae: SAE, change_n: torch.Tensor, stats: Any) -> torch.Tensor:
     """A change [n, d_in] of the reconstruction in the SAE's normalised space -> the same change in the hook's raw
     space (divided by the input scale; times each token's std for layer-norm SAEs)."""
-    return sae.denormalize(change_n, stats) - sae.denormalize(torch.zeros_like(change_n), stats)
+    return sae.input_norm.change_from_sae(change_n, stats)
 
 
 @dataclass(frozen=True)
@@ -117,14 +117,6 @@ class Project:
 Intervention = Add | Clamp | Project
 
 
-def sae_hook(sae: SAE) -> str:
-    """The hook name the SAE was trained on (from its metadata)."""
-    hook = sae.metadata.get("hook")
-    if not hook:
-        raise SaelabError("The SAE does not record its hook (metadata 'hook'); set sae.metadata['hook'] = 'blocks...'.")
-    return hook
-
-
 def position_mask(positions: Positions, n_positions: int, prompt_length: int | None) -> torch.Tensor:
     """bool [n_positions]: where an intervention with these `positions` acts."""
     index = torch.arange(n_positions)
@@ -157,7 +149,7 @@ class Steering:
         prompt_length: int | None = None,
     ):
         self.sae, self.interventions = sae, list(interventions)
-        self.hook = sae_hook(sae)
+        self.hook = recorded_hook(sae, "The SAE")
         self.keep, self.prompt_length = keep, prompt_length
         for intervention in self.interventions:
             if not isinstance(intervention, (Add, Clamp, Project)):
@@ -320,7 +312,7 @@ class FeatureActivations(NamedTuple):
 def feature_activations(model, sae: SAE, prompt: str | torch.Tensor) -> FeatureActivations:
     """The SAE's code at every position of `prompt` (a string, BOS prepended, or token ids [pos])."""
     tokens = to_tokens(model, prompt)[:1]
-    hook = sae_hook(sae)
+    hook = recorded_hook(sae, "The SAE")
     acts, _ = ActivationSource(model, [hook]).harvest(tokens)  # stops the forward once the hook has fired
     code = sae.encode(acts[hook][0].to(sae.W_dec))
     code[~splice_keep_mask(model, tokens)[0].to(code.device)] = 0
@@ -345,10 +337,6 @@ def top_features(
              "token": tokens[int(where[f])]} for f in order if strongest[f] != 0]
 
 
-def _positions(text: str) -> Positions:
-    return int(text) if text.lstrip("-").isdigit() else text
-
-
 def intervention_for(mode: str, features: Sequence[int], alpha: float, positions: Positions = "all") -> Intervention:
     """`saelab steer --mode`: add -> Add(alpha), clamp -> Clamp(value=alpha), project -> Project(scale=alpha)."""
     if mode == "add":
@@ -360,39 +348,8 @@ def intervention_for(mode: str, features: Sequence[int], alpha: float, positions
     raise SaelabError(f"--mode '{mode}' is not one of add, clamp, project.")
 
 
-def run_steer(config: SteerCommand) -> str:
-    """`saelab steer`: the baseline and steered completions of --prompt and the reference loss, as printable text."""
-    from saelab.analysis.evaluate import eval_model_name
-    from saelab.models import load_model
-    from saelab.sae.io import load_sae
-
-    options = config.steer
-    if not options.sae or not options.feature:
-        raise SaelabError("Name the SAE and the latent(s): saelab steer --sae DIR --feature I [--alpha A].")
-    sae = load_sae(options.sae, device=config.model.device)
-    model_name, note = eval_model_name([sae], [options.sae], config.model.model)
-    model = load_model(model_name, device=config.model.device, dtype=config.model.model_dtype)
-    base = intervention_for(options.mode, options.feature, options.alpha[0], _positions(options.positions))
-    Steering(sae, [base])  # bad features fail before any generation
-    reference = options.reference or options.prompt
-    samples = {"max_new_tokens": options.max_new_tokens, "temperature": options.temperature, "n": options.n,
-               "seed": options.seed}
-    lines = [f"note: {note}"] if note else []
-    lines.append(f"prompt: {options.prompt!r}   {options.mode} latent(s) {options.feature} at {options.positions} "
-                 f"positions of {sae_hook(sae)}")
-    clean_loss = next_token_loss(model, reference)
-    lines += [f"baseline: {text!r}" for text in generate(model, options.prompt, **samples)]
-    for alpha in options.alpha:
-        steering = [with_alpha(base, alpha)]
-        loss = next_token_loss(model, reference, sae, steering)
-        lines += [f"alpha {alpha:g}: {text!r}" for text in generate(model, options.prompt, sae, steering, **samples)]
-        lines.append(f"    next-token loss on the reference: {loss:.3f} (clean {clean_loss:.3f}, "
-                     f"change {loss - clean_loss:+.3f})")
-    return "\n".join(lines)
-
-
 __all__ = [
     "Add", "Clamp", "FeatureActivations", "Intervention", "Project", "Steering", "feature_activations", "generate",
-    "intervention_for", "next_token_loss", "position_mask", "raw_change", "run_steer", "sae_hook", "steer",
+    "intervention_for", "next_token_loss", "position_mask", "raw_change", "steer",
     "steered_logits", "sweep", "to_tokens", "top_features", "with_alpha",
 ]

@@ -77,7 +77,6 @@ def train_planted(sae, data: PlantedDictionary, steps: int, batch: int = 1024, d
     schedule (20 warmup steps, linear decay over the last 20%), gradient clipping at 1, dead latents (for AuxK)
     after `dead_tokens` tokens without firing. grads: optional callable x [batch, d] -> d(loss)/dx for g-SAE.
     Returns the SAE. Runs single-threaded (thousands of tiny matmuls)."""
-    import math
 
     from saelab.sae.base import StepContext
     from saelab.train.step import train_step
@@ -87,8 +86,7 @@ def train_planted(sae, data: PlantedDictionary, steps: int, batch: int = 1024, d
     torch.set_num_threads(1)
     try:
         sample = data.sample(16_384)
-        if sae.cfg.input_norm == "constant":
-            sae.input_scale.fill_(math.sqrt(sae.d_in) / sample.norm(dim=1).mean())
+        sae.input_norm.fit(sample)
         sae.initialize_from_data(sae.normalize(sample)[0])
         base_lr = sae.default_learning_rate()
         optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr)
@@ -97,8 +95,8 @@ def train_planted(sae, data: PlantedDictionary, steps: int, batch: int = 1024, d
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(base_lr, step, steps, 20, 0.2)
             x = data.sample(batch)
-            x_n, _ = sae.normalize(x)
-            g = None if grads is None else grads(x) / sae.input_scale
+            x_n, stats = sae.normalize(x)
+            g = None if grads is None else sae.input_norm.grads_to_sae(grads(x), stats)
             out = train_step(sae, optimizer, x_n, StepContext(dead=since_fired >= dead_tokens, grads=g), 1.0)
             since_fired += batch
             since_fired[out.code.firing_counts() > 0] = 0

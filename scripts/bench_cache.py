@@ -41,9 +41,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from saelab.activations import ActivationCache, ActivationSource, build_cache
-from saelab.config import CacheCommand, CacheConfig, DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainCommand
+from saelab.config import CacheCommand, CacheConfig, DataConfig, HarvestConfig, ModelConfig, SAEConfig
 from saelab.data import token_contexts
 from saelab.models import load_model, tiny_native_model
+from saelab.train.command import TrainCommand
 from saelab.train.stream import CacheStream, Prefetcher
 from saelab.train.trainer import Run, plan_runs
 

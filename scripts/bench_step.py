@@ -54,11 +54,12 @@ import saelab.sae.base
 if not torch.cuda.is_available():  # sparsify picks its Triton decoder whenever Triton is importable, even on CPU
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
-from saelab.config import AuxConfig, SAEConfig, TopKConfig
+from saelab.config import SAEConfig
 from saelab.devices import check_device
 from saelab.errors import SaelabError
 from saelab.sae.base import StepContext
 from saelab.sae.registry import create_sae
+from saelab.sae.topk import AuxConfig, TopKConfig
 from saelab.train.step import train_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -28,8 +28,9 @@ if not torch.cuda.is_available():  # sparsify picks its Triton decoder whenever 
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 from saelab.activations import ActivationCache, build_cache
-from saelab.config import CacheCommand, CacheConfig, DataConfig, HarvestConfig, SAEConfig, TrainCommand, TrainConfig
+from saelab.config import CacheCommand, CacheConfig, DataConfig, HarvestConfig, SAEConfig, TrainConfig
 from saelab.sae import load_sae
+from saelab.train.command import TrainCommand
 from saelab.train.stream import CacheStream
 from saelab.train.trainer import Trainer
 
@@ -83,7 +84,7 @@ def evaluate_saelab(folder: Path, eval_cache: ActivationCache) -> dict[str, floa
     for batch in eval_cache.batches(4096, hooks=[HOOK], shuffle=False):
         x = batch.acts[HOOK].float()
         x_n, stats = sae.normalize(x)
-        acts = sae.activate(sae.encode_pre(x_n))  # inference code; decoded below, so each batch is encoded once
+        acts = sae.encode_normalized(x_n).dense()  # inference code; decoded below, so each batch is encoded once
         result.add(x, sae.denormalize(sae.decode(acts), stats), acts)
     return result.result()
 

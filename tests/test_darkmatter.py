@@ -6,20 +6,13 @@ from helpers import perturb
 from safetensors.torch import load_file
 
 from saelab.activations.cache import build_cache
-from saelab.analysis.darkmatter import (
-    NORM_TARGETS,
-    ColumnMoments,
-    HeldOutR2,
-    NormalEquations,
-    decompose,
-    sae_names,
-    shared_failures,
-    split_error,
-    split_tokens,
-    write_darkmatter_report,
-)
+from saelab.analysis.cached_tokens import split_tokens
+from saelab.analysis.darkmatter import NORM_TARGETS, decompose, shared_failures, split_error
+from saelab.analysis.darkmatter_report import write_darkmatter_report
+from saelab.analysis.lstsq import ColumnMoments, HeldOutR2, NormalEquations
 from saelab.analysis.report import Section, format_value, write_report
 from saelab.cli import main
+from saelab.commands.darkmatter import sae_names
 from saelab.config import SAEConfig
 from saelab.sae.io import save_sae
 from saelab.sae.registry import create_sae

@@ -9,10 +9,10 @@ from helpers import perturb
 
 from saelab.analysis.dead import LatentHistory, Revival, decoder_geometry
 from saelab.cli import main
-from saelab.config import SAE_SECTIONS, SAEConfig
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.sae.io import save_sae
-from saelab.sae.registry import create_sae
+from saelab.sae.registry import SAE_SECTIONS, create_sae
 from saelab.train.history import LATENT_HISTORY, LatentRecorder
 
 D_SAE, BATCH, RECORDS, DEAD_TOKENS = 10, 100, 10, 300

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from saelab.config import DarkMatterConfig, ModelConfig, TrainCommand, from_dict
+from saelab.config import DarkMatterConfig, ModelConfig, from_dict
 from saelab.devices import autocast_dtype, check_device
 from saelab.errors import SaelabError
+from saelab.train.command import TrainCommand
 from saelab.train.distributed import launch
 
 

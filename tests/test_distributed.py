@@ -14,8 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from saelab.config import DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainCommand, TrainConfig
+from saelab.config import DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainConfig
 from saelab.errors import SaelabError
+from saelab.train.command import TrainCommand
 from saelab.train.distributed import assign_runs
 from saelab.train.trainer import Run, Trainer, train
 

@@ -4,22 +4,18 @@ every gradient), and a whole training step of each sparse-code variant, sparse k
 import pytest
 import torch
 
-from saelab.config import (
-    AFAConfig,
-    AuxConfig,
-    ChoiceConfig,
-    GSAEConfig,
-    JumpReLUConfig,
-    L1Config,
-    SAEConfig,
-    ThresholdConfig,
-    TopKConfig,
-)
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout, decode, eager, encode_at
 from saelab.sae.base import StepContext
+from saelab.sae.choice import ChoiceConfig
+from saelab.sae.gsae import GSAEConfig
+from saelab.sae.jumprelu import JumpReLUConfig
 from saelab.sae.registry import create_sae
-from saelab.sae.topk import normalized_mse
+from saelab.sae.relu import L1Config
+from saelab.sae.thresholds import ThresholdConfig
+from saelab.sae.topafa import AFAConfig, TopAFASAE
+from saelab.sae.topk import AuxConfig, TopKConfig, normalized_mse
 from saelab.train.step import train_step
 
 
@@ -302,6 +298,12 @@ DENSE_VARIANTS = [
 ]
 
 
+def _dense_code(sae, x_n):
+    """The reference: the code from the dense pre-activations [batch, d_sae] (top-AFA's also needs ||x_n - b_dec||)."""
+    z = sae.encode_pre(x_n)
+    return sae.afa_code(z, sae.target_norm(x_n)).acts if isinstance(sae, TopAFASAE) else sae.activate(z)
+
+
 @pytest.mark.parametrize("backend", ["eager", "dense"])
 @pytest.mark.parametrize(
     ("architecture", "options"), VARIANTS + DENSE_VARIANTS, ids=lambda v: v if isinstance(v, str) else ""
@@ -319,7 +321,7 @@ def test_inference_code_is_csr_and_decodes_like_the_dense_code(architecture, opt
     x = torch.randn(3, 20, 16, generator=torch.Generator().manual_seed(14), requires_grad=True)
 
     code, x_n, _ = sae.encode_code(x)
-    reference = sae.activate(sae.encode_pre(x_n))
+    reference = _dense_code(sae, x_n)
     assert code.layout.batch == 60 and code.layout.n_latents == sae.d_sae
     assert code.layout.nnz == int((reference != 0).sum())  # no stored zeros
     torch.testing.assert_close(code.dense(), reference)
@@ -330,7 +332,7 @@ def test_inference_code_is_csr_and_decodes_like_the_dense_code(architecture, opt
     grad_sparse = x.grad.clone()
     x.grad = None
     x_n_ref, _ = sae.normalize(x.reshape(-1, 16))
-    expected = sae.denormalize(sae.decode(sae.activate(sae.encode_pre(x_n_ref))), None).reshape(x.shape)
+    expected = sae.denormalize(sae.decode(_dense_code(sae, x_n_ref)), None).reshape(x.shape)
     (expected * torch.linspace(-1, 1, 16)).sum().backward()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_sparse, x.grad, rtol=1e-5, atol=1e-5)

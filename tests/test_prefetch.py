@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from saelab.activations import ActivationBatch, ActivationCache, build_cache
-from saelab.config import DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainCommand, TrainConfig
+from saelab.config import DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainConfig
 from saelab.errors import SaelabError
+from saelab.train.command import TrainCommand
 from saelab.train.stream import CacheStream, Prefetcher
 from saelab.train.trainer import Trainer
 

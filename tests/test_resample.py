@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from saelab.config import L1Config, SAEConfig
+from saelab.config import SAEConfig
 from saelab.sae.base import StepContext
-from saelab.sae.relu import ReLUSAE
+from saelab.sae.relu import L1Config, ReLUSAE
 from saelab.train.resample import resample_dead_latents
 from saelab.train.step import train_step
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from helpers import assert_encoder_gradient_only_at_selected
 
-from saelab.config import AuxConfig, SAEConfig, TopKConfig
+from saelab.config import SAEConfig
 from saelab.sae.abstopk import AbsTopKSAE
-from saelab.sae.base import EncoderPass, StepContext
-from saelab.sae.topk import TopKSAE
+from saelab.sae.base import INFERENCE, EncoderPass, StepContext
+from saelab.sae.topk import AuxConfig, TopKConfig, TopKSAE
 from saelab.synthetic import PlantedDictionary, cosine_matrix, fit_planted, mmcs
 
 
@@ -23,7 +23,7 @@ def make(cls=AbsTopKSAE, d_in=32, d_sae=192, k=4, seed=1, k_aux=0, aux_coef=1 / 
 def test_exactly_k_nonzeros_signs_kept(rescale):
     sae = make(rescale_by_decoder_norm=rescale)
     z = torch.randn(64, 192)
-    for ctx in (None, StepContext()):
+    for ctx in (INFERENCE, StepContext()):
         a = sae.activate(z, ctx)
         assert ((a != 0).sum(dim=1) == 4).all()
         assert (a < 0).any() and (a > 0).any()  # no ReLU
@@ -62,7 +62,7 @@ def test_signed_auxk_picks_dead_latents_by_magnitude():
     z = torch.tensor([[5.0, -3.0, 0.5, 2.0, -0.1, 1.0], [4.0, -2.5, 0.2, 1.5, 0.3, -0.9]])
     dead = torch.tensor([False, True, True, True, True, True])
     x_n = torch.randn(2, 8)
-    encoder = EncoderPass(sae, x_n, sparse_kernels=True)
+    encoder = EncoderPass(sae, x_n, StepContext())
     encoder.z = z  # the pass's dense pre-activations, as if x_n had produced them
     x_hat = sae.decode(sae.activate(z, StepContext(dead=dead))).detach()
     loss = sae.auxk_loss(encoder, x_n, x_hat, dead)

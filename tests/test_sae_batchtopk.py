@@ -5,13 +5,14 @@ import pytest
 import torch
 from helpers import assert_encoder_gradient_only_at_selected
 
-from saelab.config import AuxConfig, SAEConfig, TopKConfig
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode
 from saelab.sae import io as sae_io
 from saelab.sae.base import StepContext
 from saelab.sae.batchtopk import BatchTopKSAE, batch_topk_layout, ema_threshold_
 from saelab.sae.registry import ARCHITECTURES
+from saelab.sae.topk import AuxConfig, TopKConfig
 from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
 from saelab.train.step import train_step
 
@@ -66,7 +67,7 @@ def test_rescaling_selects_on_z_times_decoder_norm():
         sae.W_dec[0] *= 3.0  # latent 0: smaller z, larger decoder norm
     z = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
     assert sae.activate(z, StepContext())[0].nonzero().flatten().tolist() == [0]
-    sae.option("topk").rescale_by_decoder_norm = False
+    sae.topk_cfg.rescale_by_decoder_norm = False
     assert sae.activate(z, StepContext())[0].nonzero().flatten().tolist() == [1]
 
 

@@ -4,14 +4,15 @@ column budgets (equal or Zipf), per-latent / global inference thresholds, aux_zi
 import pytest
 import torch
 
-from saelab.config import AuxConfig, ChoiceConfig, SAEConfig, TopKConfig
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode
 from saelab.sae import io as sae_io
 from saelab.sae.base import EncoderPass, StepContext
 from saelab.sae.batchtopk import BatchTopKSAE
-from saelab.sae.choice import ChoiceSAE, feature_choice_layout, zipf_capacities, zipf_weights
+from saelab.sae.choice import ChoiceConfig, ChoiceSAE, feature_choice_layout, zipf_capacities, zipf_weights
 from saelab.sae.registry import ARCHITECTURES
+from saelab.sae.topk import AuxConfig, TopKConfig
 from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
 
 
@@ -171,9 +172,9 @@ def test_aux_zipf_loss_reaches_only_underused_latents():
     underused = sae.underused(None)
     assert set(underused.nonzero().flatten().tolist()) == set(low.tolist())
     x_hat = sae.decode(sae.activate(sae.encode_pre(x), StepContext())).detach()
-    loss = sae.auxk_loss(EncoderPass(sae, x, sparse_kernels=True), x, x_hat, underused, k_aux=sae.cfg.k)
+    loss = sae.auxk_loss(EncoderPass(sae, x, StepContext()), x, x_hat, underused, k_aux=sae.cfg.k)
     assert loss > 0
-    assert loss != sae.auxk_loss(EncoderPass(sae, x, sparse_kernels=True), x, x_hat, underused)  # not --k-aux
+    assert loss != sae.auxk_loss(EncoderPass(sae, x, StepContext()), x, x_hat, underused)  # not --k-aux
     loss.backward()
     touched = sae.W_dec.grad.abs().sum(dim=1) > 0
     assert touched.any() and not (touched & ~underused).any()

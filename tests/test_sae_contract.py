@@ -12,9 +12,11 @@ import pytest
 import torch
 from helpers import perturb
 
-from saelab.config import SAE_SECTIONS, SAEConfig, ThresholdConfig
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.sae import ARCHITECTURES, StepContext, create_sae, load_sae, save_sae
+from saelab.sae.registry import SAE_SECTIONS
+from saelab.sae.thresholds import ThresholdConfig
 from saelab.synthetic import PlantedDictionary, cosine_matrix, mmcs, train_planted
 
 # Every architecture, and every threshold family (each sets its L0 differently).
@@ -77,9 +79,10 @@ def test_save_load_and_fold_preserve_the_forward_map(name, options, tmp_path):
         for _ in range(3):  # batch-level variants learn their inference thresholds from training codes
             out = sae.training_loss(sae.normalize(x)[0], StepContext())
             sae.update_inference_state(out.code)
-        expected = sae(x)
+        expected, code = sae(x), sae.encode(x)
     loaded = load_sae(save_sae(sae, tmp_path / name))
     torch.testing.assert_close(loaded(x), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loaded.encode(x), code, atol=1e-4, rtol=1e-4)  # one rule: a saved code is the trained one
     folded = copy.deepcopy(sae).fold()
     torch.testing.assert_close(folded(x), expected, atol=1e-4, rtol=1e-4)
 

@@ -4,11 +4,11 @@ selection displaces a larger-z latent; planted recovery with synthetic gradients
 import pytest
 import torch
 
-from saelab.config import AuxConfig, GSAEConfig, SAEConfig, TopKConfig
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.sae.base import StepContext
-from saelab.sae.gsae import GradientSAE
-from saelab.sae.topk import TopKSAE
+from saelab.sae.gsae import GradientSAE, GSAEConfig
+from saelab.sae.topk import AuxConfig, TopKConfig, TopKSAE
 from saelab.synthetic import PlantedDictionary, mmcs
 from saelab.train.step import train_step
 
@@ -17,7 +17,7 @@ def make(cls=GradientSAE, d_in=32, d_sae=192, k=4, beta=1.0, seed=1, **topk):
     torch.manual_seed(seed)
     cfg = SAEConfig(architecture=cls.architecture, d_sae=d_sae, k=k, input_norm="none")
     options = {"aux": AuxConfig(), "topk": TopKConfig(**topk), "gsae": GSAEConfig(gsae_beta=beta)}
-    return cls(d_in, cfg, {name: options[name] for name in cls.sections})
+    return cls(d_in, cfg, {section.name: options[section.name] for section in cls.sections})
 
 
 def paired(beta):
@@ -80,7 +80,7 @@ def test_large_effect_latent_displaces_larger_z():
     z = sae.encode_pre(x)
 
     def support(grads, beta):
-        sae.option("gsae").gsae_beta = beta
+        sae.gsae_cfg.gsae_beta = beta
         a = sae.activate(z, StepContext(grads=grads))
         assert torch.equal(a[a != 0], z[a != 0])  # the kept value is ReLU(z), not the score
         return a[0].nonzero().flatten().tolist()

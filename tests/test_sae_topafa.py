@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from saelab.config import AFAConfig, AuxConfig, SAEConfig
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.sae.base import StepContext
-from saelab.sae.topafa import TopAFASAE, afa_select, decoder_coherence
-from saelab.sae.topk import normalized_mse
+from saelab.sae.topafa import AFAConfig, TopAFASAE, afa_select, decoder_coherence
+from saelab.sae.topk import AuxConfig, normalized_mse
 from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
 
 
@@ -106,13 +106,13 @@ def test_selection_targets_the_norm_of_x_minus_b_dec():
     torch.testing.assert_close(sae.training_loss(x, StepContext()).code.dense(), expected)
 
 
-def test_activate_refuses_a_pre_activation_it_did_not_see():
+def test_the_code_of_z_alone_is_refused():
     sae = _sae()
     x = torch.randn(4, 16)
     z = sae.encode_pre(x)
-    torch.testing.assert_close(sae.activate(z), sae.afa_code(z, sae.target_norm(x)).acts)
-    with pytest.raises(SaelabError, match="encode_pre"):
-        sae.activate(z.clone())
+    torch.testing.assert_close(sae.encode_normalized(x).dense(), sae.afa_code(z, sae.target_norm(x)).acts)
+    with pytest.raises(SaelabError, match=r"\|\|x - b_dec\|\|"):
+        sae.activate(z)
     clone = copy.deepcopy(sae)  # save_sae deep-copies before folding
     torch.testing.assert_close(clone(x), sae(x))
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from helpers import assert_encoder_gradient_only_at_selected
 
-from saelab.config import AuxConfig, SAEConfig, TopKConfig
-from saelab.sae.base import EncoderPass, StepContext
-from saelab.sae.topk import TopKSAE, normalized_mse
+from saelab.config import SAEConfig
+from saelab.sae.base import INFERENCE, EncoderPass, StepContext
+from saelab.sae.topk import AuxConfig, TopKConfig, TopKSAE, normalized_mse
 from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
 
 
@@ -22,7 +22,7 @@ def test_exactly_k_nonzeros_per_row():
     sae = make()
     x = torch.randn(64, 32)
     z = sae.encode_pre(x)
-    for ctx in (None, StepContext()):
+    for ctx in (INFERENCE, StepContext()):
         a = sae.activate(z, ctx)
         assert ((a != 0).sum(dim=1) == 4).all()
         assert (a >= 0).all()
@@ -62,7 +62,7 @@ def test_auxk_gradient_reaches_only_dead_latents(sparse_kernels):
     dead = torch.zeros(192, dtype=torch.bool)
     dead[torch.randperm(192)[:40]] = True
     x_hat = sae.decode(sae.activate(sae.encode_pre(x), StepContext(dead=dead))).detach()
-    loss = sae.auxk_loss(EncoderPass(sae, x, sparse_kernels), x, x_hat, dead)
+    loss = sae.auxk_loss(EncoderPass(sae, x, StepContext(sparse_kernels=sparse_kernels)), x, x_hat, dead)
     assert loss > 0
     loss.backward()
     touched_dec = sae.W_dec.grad.abs().sum(dim=1) > 0

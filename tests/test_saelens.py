@@ -10,11 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saelab.config import ChoiceConfig, JumpReLUConfig, L1Config, SAEConfig, TopKConfig
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
+from saelab.sae.choice import ChoiceConfig
 from saelab.sae.io import load_sae, save_sae
+from saelab.sae.jumprelu import JumpReLUConfig
 from saelab.sae.registry import ARCHITECTURES
+from saelab.sae.relu import L1Config
 from saelab.sae.saelens import load_saelens, save_saelens
+from saelab.sae.thresholds import ThresholdConfig
+from saelab.sae.topk import TopKConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "saelens"
 # fixture -> (saelab architecture it must load as, atol): exact up to float rounding.
@@ -103,7 +108,7 @@ def test_topk_rescale_is_folded_into_the_weights():
     sae = load_saelens(FIXTURES / "topk")
     raw = weights("topk")
     norms = raw["W_dec"].norm(dim=1)
-    assert sae.option("topk").rescale_by_decoder_norm is False
+    assert sae.topk_cfg.rescale_by_decoder_norm is False
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16))
     torch.testing.assert_close(sae.W_enc, raw["W_enc"] * norms)
     torch.testing.assert_close(sae.b_enc, raw["b_enc"] * norms)
@@ -213,6 +218,8 @@ def make(arch, seed=0, **sae_kw):
     options = {"topk": TopKConfig(rescale_by_decoder_norm=True), "l1": L1Config(), "jumprelu": JumpReLUConfig()}
     if arch == "choice":
         options["choice"] = ChoiceConfig(choice_mode=sae_kw.pop("choice_mode"))
+    if arch == "threshold":  # t = lambda * gamma = 0.1
+        options["threshold"] = ThresholdConfig(threshold_family=sae_kw.pop("family"), threshold_lambda=10.0)
     torch.manual_seed(seed)
     sae = ARCHITECTURES[arch](8, SAEConfig(architecture=arch, d_sae=16, k=4, **sae_kw), options,
                               {"hook": "blocks.1.hook_resid_post", "model": "tiny-native", "run": "r1"})
@@ -243,6 +250,8 @@ NATIVE = [
     ("batchtopk", {}),
     ("choice", {"choice_mode": "mutual"}),
     ("choice", {"choice_mode": "feature"}),
+    ("threshold", {"family": "soft"}),
+    ("threshold", {"family": "hard"}),
 ]
 
 
@@ -257,14 +266,15 @@ def test_saelab_sae_survives_the_trip_through_saelens_format(tmp_path, arch, kw)
     with torch.no_grad():
         ref = copy.deepcopy(sae).fold()
         # Codes: SAELens' are the folded copy's, times ||d_i|| where the top-k family's rescale was folded in.
-        topk_rescaled = arch in ("topk", "gsae", "abstopk") and ref.option("topk").rescale_by_decoder_norm
+        topk_rescaled = arch in ("topk", "gsae", "abstopk") and ref.topk_cfg.rescale_by_decoder_norm
         scale = ref.W_dec.norm(dim=1) if topk_rescaled else torch.ones(16)
         torch.testing.assert_close(back.encode(x), ref.encode(x) * scale, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(back(x), sae(x), atol=1e-5, rtol=1e-5)
         assert ((back.encode(x) != 0) == (sae.encode(x) != 0)).all()
     assert back.metadata["hook"] == "blocks.1.hook_resid_post" and back.metadata["run"] == "r1"
     config = cfg(tmp_path / "sl")
-    expected_arch = {"relu": "standard", "gsae": "topk", "batchtopk": "jumprelu", "choice": "jumprelu"}
+    expected_arch = {"relu": "standard", "gsae": "topk", "batchtopk": "jumprelu", "choice": "jumprelu",
+                     "threshold": "standard" if kw.get("family") == "soft" else "jumprelu"}
     assert config["architecture"] == expected_arch.get(arch, arch)
     assert config["d_in"] == 8 and config["d_sae"] == 16 and config["dtype"] == "float32"
     assert config["apply_b_dec_to_input"] == sae.cfg.pre_enc_bias
@@ -289,9 +299,11 @@ def test_writes_hook_z_reshaping_and_keeps_the_original_untouched(tmp_path):
         assert torch.equal(value, before[key]), key
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=needs(a)) for a in ("threshold", "topafa")])
-def test_unrepresentable_architectures_are_refused(tmp_path, arch):
-    sae = ARCHITECTURES[arch](8, SAEConfig(architecture=arch, d_sae=16, k=4))
+@pytest.mark.parametrize("arch, family", [("threshold", "half"), ("threshold", "lq"), ("threshold", "cel0"),
+                                          ("topafa", None)])
+def test_unrepresentable_architectures_are_refused(tmp_path, arch, family):
+    options = {"threshold": ThresholdConfig(threshold_family=family)} if family else {}
+    sae = ARCHITECTURES[arch](8, SAEConfig(architecture=arch, d_sae=16, k=4), options)
     with pytest.raises(SaelabError, match="cannot be saved in SAELens format"):
         save_saelens(sae, tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from saelab.config import SAEConfig, ThresholdConfig
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.sae.base import StepContext
 from saelab.sae.thresholds import (
+    ThresholdConfig,
     ThresholdSAE,
     cel0,
     cel0_penalty,

@@ -11,9 +11,10 @@ import torch
 
 import saelab.train.history as history_module
 from saelab.activations import ActivationCache
-from saelab.config import DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainCommand, TrainConfig
+from saelab.config import DataConfig, HarvestConfig, ModelConfig, SAEConfig, TrainConfig
 from saelab.errors import Interrupted, SaelabError
 from saelab.sae import load_sae
+from saelab.train.command import TrainCommand
 from saelab.train.trainer import Run, Trainer, learning_rate, plan_runs
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"]

@@ -19,16 +19,13 @@ from typing import NamedTuple
 import torch
 
 from saelab.errors import SaelabError
-from saelab.sae.base import LAYERNORM_EPS, SAE
+from saelab.sae.base import SAE
 
 
 @torch.no_grad()
 def encoder_weights(sae: SAE, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """Raw x [n, d_in], latents [n] -> w [n, d_in] with x[j] . w[j] + bias_terms(latents)[j] = pre-activation."""
-    columns = sae.W_enc.T[latents].to(x.dtype)  # [n, d_in]
-    if sae.cfg.input_norm == "layernorm":
-        return (columns - columns.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + LAYERNORM_EPS)
-    return columns * sae.input_scale.to(x.dtype)
+    return sae.input_norm.encoder_columns(sae.W_enc.T[latents].to(x.dtype), x)  # [n, d_in]
 
 
 @torch.no_grad()

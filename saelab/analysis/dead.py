@@ -26,7 +26,8 @@ re-initialised. With records r = 0..n-1 taken at T_r tokens (T_-1 = 0), and wind
   latents aligned with the mean / b_dec, or dead latents clustered together, show up as larger values than the
   reference group's.
 
-`dead_report(config)` writes `dead_report.html` (self-contained plotly figures) and `dead.json` beside the SAE.
+The page of figures: saelab.analysis.dead_report; `saelab dead` (dead_report.html and dead.json beside the SAE):
+saelab.commands.dead.
 """
 
 from __future__ import annotations
@@ -42,15 +43,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from tqdm.auto import tqdm
 
-from saelab.activations.cache import write_atomic
 from saelab.analysis.metrics import DENSITY_BIN_EDGES, DENSITY_EPS, RARE_FREQUENCIES
-from saelab.analysis.report import Section, write_report
 from saelab.config import DeadConfig
 from saelab.errors import SaelabError
 from saelab.train.history import HISTORY_FORMAT, LATENT_HISTORY
 
-REPORT_HTML = "dead_report.html"
-REPORT_JSON = "dead.json"
 GROUP_SAMPLE = 4096
 
 
@@ -376,156 +373,4 @@ def summarize(history: LatentHistory, deaths: Deaths, config: DeadConfig, geomet
     }
 
 
-def _figures(history: LatentHistory, deaths: Deaths, config: DeadConfig) -> list:
-    import plotly.graph_objects as go
-
-    tokens = history.tokens.tolist()
-    threshold = config.dead_tokens or history.dead_tokens
-    figures = []
-
-    counts, edges = history.since_fired_histogram()
-    since = go.Figure(
-        go.Bar(x=((edges[1:] + edges[:-1]) / 2).tolist(), y=counts.tolist(), width=float(edges[1] - edges[0]))
-    )
-    since.add_vline(x=threshold, line_dash="dash", annotation_text=f"dead threshold {threshold:,}")
-    since.update_layout(
-        title="Tokens since last firing at the end of training",
-        xaxis_title="tokens",
-        yaxis_title="latents",
-        yaxis_type="log",
-    )
-    figures.append(since)
-
-    final, final_tokens = history.final_density(config.density_fraction)
-    final_log = torch.log10(final + DENSITY_EPS)
-    density_hist = go.Figure(go.Histogram(x=final_log.tolist(), nbinsx=80))
-    density_hist.add_vline(
-        x=torch.log10(torch.tensor(config.dense_threshold)).item(), line_dash="dash", annotation_text="dense"
-    )
-    density_hist.update_layout(
-        title=f"log10(density + 1e-10) over the last {final_tokens:,} tokens",
-        xaxis_title="log10 firing frequency",
-        yaxis_title="latents",
-        yaxis_type="log",
-    )
-    figures.append(density_hist)
-
-    centres = ((DENSITY_BIN_EDGES[1:] + DENSITY_BIN_EDGES[:-1]) / 2).tolist()
-    histogram = history.density_histogram()
-    heat = go.Figure(
-        go.Heatmap(
-            x=tokens,
-            y=centres,
-            z=torch.log10(1 + histogram.T.double()).tolist(),
-            colorscale="Viridis",
-            colorbar_title="log10(1 + latents)",
-            customdata=histogram.T.tolist(),
-            hovertemplate="tokens %{x}<br>log10 f %{y}<br>%{customdata} latents<extra></extra>",
-        )
-    )
-    heat.update_layout(
-        title="Firing-frequency distribution over training (per record window)",
-        xaxis_title="tokens",
-        yaxis_title="log10(density + 1e-10)",
-    )
-    figures.append(heat)
-
-    ever = deaths.ever_dead.nonzero().squeeze(1)
-    if len(ever):
-        key = torch.where(deaths.dead_at_end, deaths.died_at, deaths.first_death)[ever]
-        ordered = ever[torch.argsort(key * history.d_sae + ever, stable=True)]
-        if len(ordered) > config.timeline_latents:
-            ordered = ordered[torch.linspace(0, len(ordered) - 1, config.timeline_latents).round().long().unique()]
-        log_f = torch.log10(history.density()[:, ordered].T)
-        log_f[torch.isinf(log_f)] = float("nan")  # silent windows stay blank
-        labels = [f"{int(i)}{' (dead)' if deaths.dead_at_end[i] else ' (revived)'}" for i in ordered]
-        timeline = go.Figure(
-            go.Heatmap(
-                x=tokens, y=labels, z=log_f.tolist(), colorscale="Viridis", colorbar_title="log10 f", hoverongaps=False
-            )
-        )
-        for t, latents in zip(history.resample_tokens.tolist(), history.resampled):
-            timeline.add_vline(x=t, line_dash="dot", line_color="red")
-        timeline.update_layout(
-            title=f"Latents that died or revived ({len(ordered)} of {len(ever)}), sorted by death time; blank = silent",
-            xaxis_title="tokens",
-            yaxis_title="latent",
-            height=max(400, 4 * len(ordered) + 150),
-            yaxis={"type": "category", "autorange": "reversed", "showticklabels": len(ordered) <= 60},
-        )
-        figures.append(timeline)
-
-    over = go.Figure()
-    over.add_scatter(x=tokens, y=deaths.dead.sum(1).tolist(), name="dead", mode="lines+markers")
-    over.add_scatter(x=tokens, y=(history.counts == 0).sum(1).tolist(), name="silent in the window", mode="lines")
-    for t, latents in zip(history.resample_tokens.tolist(), history.resampled):
-        over.add_vline(x=t, line_dash="dot", line_color="red", annotation_text=f"resampled {len(latents)}")
-    over.update_layout(
-        title=f"Dead latents over training (silent for >= {threshold:,} tokens)",
-        xaxis_title="tokens",
-        yaxis_title="latents",
-    )
-    figures.append(over)
-    return figures
-
-
-def _summary_lines(summary: dict[str, Any]) -> list[str]:
-    """The report's headline numbers, one sentence each."""
-    dead, density = summary["dead"], summary["final_density"]
-    lines = [
-        f"{summary['d_sae']} latents, {summary['trained_tokens']:,} tokens, {summary['records']} records; "
-        + f"dead threshold {summary['dead_tokens']:,} tokens",
-        f"dead at the end: {dead['at_end']} ({100 * dead['fraction_at_end']:.2f}%); ever dead: {dead['ever']}; "
-        + f"never revived: {dead['never_revived']}",
-        f"revived: {dead['revived']} (after resampling {dead['revived_after_resample']}, otherwise "
-        + f"{dead['revived_otherwise']})",
-        f"final density over {density['over_tokens']:,} tokens: dense {100 * density['dense_fraction']:.2f}%, "
-        + f"f < 1e-5 {100 * density['below_1e-05_fraction']:.2f}%, f < 1e-6 {100 * density['below_1e-06_fraction']:.2f}%",
-    ]
-    for group, stats in summary["decoder_geometry"].items():
-        if stats is not None:
-            parts = ", ".join(f"{k} {v:.3f}" for k, v in stats.items() if isinstance(v, float))
-            lines.append(f"{group} ({stats['latents']}): {parts}")
-    return lines
-
-
-def dead_report(config: DeadConfig, progress: bool = True) -> tuple[dict[str, Any], Path, Path]:
-    """Analyse the SAE folder config.sae; write dead_report.html and dead.json to config.out (default: the run).
-    Returns the summary and the two paths."""
-    from saelab.sae.io import load_sae
-
-    if not config.sae:
-        raise SaelabError(
-            "Pass --sae (or --run) with a saved SAE folder from `saelab train` (it holds latent_history.safetensors)."
-        )
-    if not 0 < config.density_fraction <= 1:
-        raise SaelabError(f"--density-fraction must be in (0, 1], got {config.density_fraction}.")
-    if config.timeline_latents < 1:
-        raise SaelabError(f"--timeline-latents must be at least 1, got {config.timeline_latents}.")
-    history = LatentHistory.load(config.sae)
-    sae = load_sae(config.sae)
-    if sae.d_sae != history.d_sae:
-        raise SaelabError(f"{config.sae}: the SAE has {sae.d_sae} latents but its history {history.d_sae}. Retrain it.")
-    deaths = history.deaths(config.dead_tokens or None)
-    final, _ = history.final_density(config.density_fraction)
-    dense = final > config.dense_threshold
-    groups = {"dense": dense, "dead": deaths.dead_at_end, "other_alive": ~dense & ~deaths.dead_at_end}
-    mean = None
-    if config.cache:
-        hook = history.info.get("hook") or sae.metadata.get("hook")
-        mean = mean_activation(config.cache, hook, sae.d_in, config.mean_tokens)
-    geometry = decoder_geometry(sae.W_dec.detach(), sae.b_dec.detach(), groups, mean, progress=progress)
-    summary = summarize(history, deaths, config, geometry)
-    out = Path(config.out or config.sae)
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"Dead latents: {summary['run'] or Path(config.sae).name}"
-    write_report(
-        out / REPORT_HTML,
-        title,
-        [Section("Summary", "\n\n".join(_summary_lines(summary)), figures=_figures(history, deaths, config))],
-    )
-    write_atomic(out / REPORT_JSON, json.dumps(summary, indent=1).encode())
-    return summary, out / REPORT_HTML, out / REPORT_JSON
-
-
-__all__ = ["Deaths", "LatentHistory", "Revival", "dead_report", "decoder_geometry", "mean_activation", "summarize"]
+__all__ = ["Deaths", "LatentHistory", "Revival", "decoder_geometry", "mean_activation", "summarize"]

@@ -5,12 +5,12 @@ one early-stopping capture), then per hook one zero-ablation and one mean-ablati
 forward per SAE. Several SAEs of one hook therefore share everything but their own spliced forward.
 
     results = evaluate([load_sae(folder)], model, contexts)    # one dict per SAE (see `evaluate_targets`)
-    write_json(json_ready(results[0]), folder / "eval.json")
+    write_json(folder / "eval.json", json_ready(results[0]))     # saelab.files
     print(format_table(results))
 
 The core, `evaluate_targets`, takes reconstruction functions rather than SAEs, so exact baselines (identity,
-mean, zero) run through the same code as SAEs. `run_eval` is `saelab eval`: it loads SAEs and model, picks
-held-out text and writes the JSON files.
+mean, zero) run through the same code as SAEs. `saelab eval` (saelab.commands.eval) loads SAEs and model, picks
+held-out text with `heldout_skip` and `eval_model_name` and writes the JSON files.
 """
 
 from __future__ import annotations
@@ -18,18 +18,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import math
-import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from saelab import __version__
 from saelab.activations.hooks import resolve_hooks
 from saelab.activations.source import ActivationSource
 from saelab.analysis.metrics import CONFIDENCE, DownstreamStats, ReconstructionStats, SparsityStats
@@ -38,9 +34,7 @@ from saelab.config import DataConfig
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode
 from saelab.sae.base import SAE
-
-if TYPE_CHECKING:
-    from saelab.config import EvalCommand
+from saelab.sae.io import recorded_hook
 
 Reconstruction = Callable[[torch.Tensor], tuple[torch.Tensor, SparseCode | None]]
 
@@ -160,9 +154,7 @@ def evaluate_targets(
     resolve_hooks(model, hooks)
     if downstream and (ablation_means is None or any(hook not in ablation_means for hook in hooks)):
         raise SaelabError("Downstream evaluation needs the mean activation of every hook (ablation_means).")
-    reconstruction = [ReconstructionStats(outlier_norm) for _ in targets]
-    sparsity = [SparsityStats(t.d_sae, dense_threshold) if t.d_sae else None for t in targets]
-    spliced = [DownstreamStats() if downstream else None for _ in targets]
+    stats = [_TargetStats(t, outlier_norm, dense_threshold, downstream) for t in targets]
     captured_hooks = hooks[1:] if downstream else hooks  # downstream: the clean forward captures hooks[0]
     source = ActivationSource(model, captured_hooks) if captured_hooks else None
     total = math.ceil(len(contexts) / batch_contexts) if isinstance(contexts, Sequence) else None
@@ -192,45 +184,53 @@ def evaluate_targets(
                     if target.hook != hook:
                         continue
                     x_hat, code = target.reconstruct(x)
-                    if not bool(torch.isfinite(x_hat).all()):
-                        raise SaelabError(
-                            f"{target.name} produced non-finite reconstructions (NaN or inf) at {hook}. Its weights "
-                            "are likely corrupt (a diverged training run); check them or retrain."
-                        )
-                    reconstruction[i].update(x, x_hat, token_context)
-                    if sparsity[i] is not None and code is not None:
-                        sparsity[i].update(code, token_context)
+                    _check_finite(target, x_hat)
+                    stats[i].reconstruction.update(x, x_hat, token_context)
+                    if stats[i].sparsity is not None and code is not None:
+                        stats[i].sparsity.update(code, token_context)
                     if downstream:
                         ce_sae, kl_sae = _spliced_losses(
                             model, tokens, hook, functools.partial(_put, keep=keep, rows=x_hat), keep, clean_log_probs
                         )
-                        spliced[i].update(
+                        stats[i].downstream.update(
                             ce_clean, ce_sae, ce_zero, ce_mean, kl_sae, kl_zero, kl_mean, keep[:, :-1], row_context
                         )
             n_contexts += tokens.shape[0]
             bar.update()
     bar.close()
-    bootstrap = {"resamples": bootstrap_resamples, "seed": bootstrap_seed}
-    return [
-        {
+    return [s.result(n_contexts, resamples=bootstrap_resamples, seed=bootstrap_seed) for s in stats]
+
+
+class _TargetStats:
+    """One target's running sums: reconstruction, sparsity (None without a code), downstream (None unless asked)."""
+
+    def __init__(self, target: EvalTarget, outlier_norm: float, dense_threshold: float, downstream: bool):
+        self.reconstruction = ReconstructionStats(outlier_norm)
+        self.sparsity = SparsityStats(target.d_sae, dense_threshold) if target.d_sae else None
+        self.downstream = DownstreamStats() if downstream else None
+
+    def result(self, n_contexts: int, **bootstrap: int) -> dict[str, Any]:
+        return {
             "n_contexts": n_contexts,
-            "reconstruction": reconstruction[i].result(**bootstrap),
-            "sparsity": None if sparsity[i] is None else sparsity[i].result(**bootstrap),
-            "downstream": None if spliced[i] is None else spliced[i].result(**bootstrap),
+            "reconstruction": self.reconstruction.result(**bootstrap),
+            "sparsity": None if self.sparsity is None else self.sparsity.result(**bootstrap),
+            "downstream": None if self.downstream is None else self.downstream.result(**bootstrap),
         }
-        for i in range(len(targets))
-    ]
+
+
+def _check_finite(target: EvalTarget, x_hat: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x_hat).all()):
+        raise SaelabError(
+            f"{target.name} produced non-finite reconstructions (NaN or inf) at {target.hook}. Its weights "
+            "are likely corrupt (a diverged training run); check them or retrain."
+        )
 
 
 def check_saes(saes: Sequence[SAE], model, names: Sequence[str]) -> list[str]:
     """Each SAE's hook (from its metadata), checked to exist on `model` with width d_in; raises SaelabError."""
     hooks = []
     for sae, name in zip(saes, names):
-        hook = sae.metadata.get("hook")
-        if not hook:
-            raise SaelabError(
-                f"{name} does not record the hook it reads (metadata 'hook'); add it to the metadata in its cfg.json."
-            )
+        hook = recorded_hook(sae, name)
         try:
             resolve_hooks(model, [hook])
         except SaelabError as exc:
@@ -369,13 +369,6 @@ def json_ready(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_json(data: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
-
-
 TABLE_COLUMNS = (  # header, result section, key, format, scale
     ("FVU", "reconstruction", "fvu", "{:.4f}", 1),
     ("MSE", "reconstruction", "mse", "{:.4g}", 1),
@@ -431,75 +424,3 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
                 f"{outliers['max_norm_ratio']:.0f}x); over all tokens FVU {all_fvu}"
             )
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *notes])
-
-
-def run_eval(config: EvalCommand, progress: bool = True) -> tuple[list[dict[str, Any]], list[Path]]:
-    """`saelab eval`: evaluate config.eval.sae on held-out text in one pass; returns (JSON-ready results, the JSON
-    files written: eval.json in each SAE folder, or the one --out file)."""
-    from saelab.data import token_contexts
-    from saelab.models import load_model
-    from saelab.sae.io import load_sae
-    from saelab.sae.saelens import WEIGHTS as SAELENS_WEIGHTS
-
-    options = config.eval
-    if not options.sae:
-        raise SaelabError("Name the SAE folders to evaluate: --sae DIR [DIR ...].")
-    if options.n_tokens <= 0 or options.batch_contexts <= 0:
-        raise SaelabError("--n-tokens and --batch-contexts must be positive.")
-    if options.outlier_norm < 0 or options.bootstrap_resamples < 0:
-        raise SaelabError("--outlier-norm and --bootstrap-resamples must be 0 (off) or positive.")
-    started = time.perf_counter()
-    names = [str(folder) for folder in options.sae]
-    saes = [load_sae(folder, device=config.model.device) for folder in names]
-    model_name, model_note = eval_model_name(saes, names, config.model.model)
-    skip, skip_note = heldout_skip([sae.metadata for sae in saes], config.data, options.skip_contexts)
-    for note in (model_note, skip_note):
-        if note:
-            print(f"saelab: note: {note}", file=sys.stderr)
-    model = load_model(model_name, device=config.model.device, dtype=config.model.model_dtype)
-    n_contexts = math.ceil(options.n_tokens / config.data.context_length)
-    contexts = list(itertools.islice(token_contexts(config.data, model.tokenizer, model.cfg.n_ctx), skip, skip + n_contexts))
-    if not contexts:
-        raise SaelabError(
-            f"The corpus holds no text after the {skip} skipped contexts; lower --skip-contexts or use another --seed."
-        )
-    results = evaluate(
-        saes,
-        model,
-        contexts,
-        names=names,
-        downstream=options.downstream,
-        mean_tokens=options.mean_tokens,
-        batch_contexts=options.batch_contexts,
-        dense_threshold=options.dense_threshold,
-        skip_positions=options.skip_positions,
-        outlier_norm=options.outlier_norm,
-        bootstrap_resamples=options.bootstrap_resamples,
-        bootstrap_seed=options.bootstrap_seed,
-        progress=progress,
-    )
-    run_info = {
-        "model": model_name,
-        "data": dataclasses.asdict(config.data),
-        "skip_contexts": skip,
-        "skip_positions": options.skip_positions,
-        "outlier_norm": options.outlier_norm,
-        "bootstrap": {
-            "resamples": options.bootstrap_resamples,
-            "seed": options.bootstrap_seed,
-            "confidence": CONFIDENCE,
-        },
-        "n_tokens": len(contexts) * config.data.context_length,
-        "seconds": round(time.perf_counter() - started, 1),
-        "saelab_version": __version__,
-    }
-    results = [
-        json_ready(
-            {**result, "format": "saelens" if (Path(folder) / SAELENS_WEIGHTS).is_file() else "saelab", **run_info}
-        )
-        for result, folder in zip(results, names)
-    ]
-    if options.out:
-        payload = results[0] if len(results) == 1 else {"evaluations": results}
-        return results, [write_json(payload, options.out)]
-    return results, [write_json(result, Path(folder) / "eval.json") for result, folder in zip(results, names)]

@@ -60,6 +60,7 @@ from saelab.analysis.attribution import head_attribution
 from saelab.analysis.metrics import SparsityStats
 from saelab.errors import SaelabError
 from saelab.sae.base import SAE
+from saelab.sae.io import recorded_hook
 
 HISTOGRAM_BINS = 64
 SAMPLE_PER_QUANTILE = 40  # reservoir size per latent = this * n_quantiles (sets how well the bin edges are estimated)
@@ -442,25 +443,18 @@ def collect_dashboard_data(
     most the whole cache); folder: the SAE's folder (its name and eval.json go into the summary); batch_tokens:
     tokens encoded at a time; seed: the quantile samples' random draw.
     """
-    hook = sae.metadata.get("hook")
-    if not hook:
-        raise SaelabError("The SAE records no hook in its metadata, so no cache can be matched to it.")
+    hook = recorded_hook(sae, "The SAE")
     cache.require(hook, sae.d_in)
-    for name, value in (
-        ("top_k", top_k),
-        ("quantile_examples", quantile_examples),
-        ("n_quantiles", n_quantiles),
-        ("context_before", context_before),
-        ("context_after", context_after),
-        ("n_neighbours", n_neighbours),
-        ("n_logits", n_logits),
-    ):
-        if value < 0:
-            raise SaelabError(f"{name} must not be negative (got {value}).")
-    if n_quantiles == 0 and quantile_examples:
-        raise SaelabError("n_quantiles must be positive to show quantile examples.")
-    if batch_tokens <= 0:
-        raise SaelabError(f"batch_tokens must be positive (got {batch_tokens}).")
+    counts = {
+        "top_k": top_k,
+        "quantile_examples": quantile_examples,
+        "n_quantiles": n_quantiles,
+        "context_before": context_before,
+        "context_after": context_after,
+        "n_neighbours": n_neighbours,
+        "n_logits": n_logits,
+    }
+    _check_options(counts, batch_tokens)
     latents = _check_features(features, sae.d_sae)
     total = cache.n_tokens if n_tokens is None else min(int(n_tokens), cache.n_tokens)
     if total <= 0:
@@ -474,6 +468,32 @@ def collect_dashboard_data(
         pieces = TokenPieces(load_tokenizer(model_name))
 
     state = _Pass(sae, latents, top_k, SAMPLE_PER_QUANTILE * n_quantiles if quantile_examples else 0, seed)
+    _scan(sae, cache, hook, state, total, batch_tokens, progress)
+    with _one_thread():
+        examples = _choose_examples(state, quantile_examples, n_quantiles)
+    windows = _windows(sae, cache, hook, state, examples, total, context_before, context_after, pieces, progress)
+    heads = _example_heads(sae, cache, hook, latents, examples, model)
+    logits = logit_effects(sae, model, latents.to(sae.W_dec.device), n_logits)
+    neighbours = decoder_neighbours(sae, latents.to(sae.W_dec.device), n_neighbours)
+    sparsity = state.sparsity.result()
+    records = _FeatureRecords(state, sparsity["firing_frequency"], examples, windows, heads, logits, neighbours, pieces)
+    summary = _summary(sae, hook, model_name, total, sparsity, Path(folder) if folder is not None else None)
+    return summary, [records.record(slot, latent) for slot, latent in enumerate(latents.tolist())]
+
+
+def _check_options(counts: dict[str, int], batch_tokens: int) -> None:
+    """Every count (name -> value) at least 0, quantile examples only with quantiles, a positive batch size."""
+    for name, value in counts.items():
+        if value < 0:
+            raise SaelabError(f"{name} must not be negative (got {value}).")
+    if counts["n_quantiles"] == 0 and counts["quantile_examples"]:
+        raise SaelabError("n_quantiles must be positive to show quantile examples.")
+    if batch_tokens <= 0:
+        raise SaelabError(f"batch_tokens must be positive (got {batch_tokens}).")
+
+
+def _scan(sae: SAE, cache: ActivationCache, hook: str, state: _Pass, total: int, batch_tokens: int, progress: bool):
+    """The pass: the first `total` cached tokens, encoded `batch_tokens` at a time, into `state`."""
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="dashboard pass", disable=not progress)
     with bar:
         for first in range(0, total, batch_tokens):
@@ -484,16 +504,12 @@ def collect_dashboard_data(
                 state.update(first, code)
             bar.update(len(index))
 
-    with _one_thread():
-        examples = _choose_examples(state, quantile_examples, n_quantiles)
-    windows = _windows(sae, cache, hook, state, examples, total, context_before, context_after, pieces, progress)
-    heads = _example_heads(sae, cache, hook, latents, examples, model)
-    logits = logit_effects(sae, model, latents.to(sae.W_dec.device), n_logits)
-    neighbour_ids, neighbour_cosines = decoder_neighbours(sae, latents.to(sae.W_dec.device), n_neighbours)
 
-    sparsity = state.sparsity.result()
-    folder = Path(folder) if folder is not None else None
-    summary = {
+def _summary(
+    sae: SAE, hook: str, model_name: str, total: int, sparsity: dict[str, Any], folder: Path | None
+) -> dict[str, Any]:
+    """The summary of the data contract, from the pass's SparsityStats result."""
+    return {
         "sae": folder.resolve().name if folder is not None else str(sae.metadata.get("run") or sae.architecture),
         "architecture": sae.architecture,
         "hook": hook,
@@ -509,43 +525,63 @@ def collect_dashboard_data(
         },
         "density_histogram": sparsity["log10_density_histogram"],
     }
-    counts, sums = state.counts.cpu(), state.sums.cpu()
-    maxima, minima = state.max.cpu(), state.min.cpu()
-    frequency = sparsity["firing_frequency"]
-    out = []
-    for slot, latent in enumerate(latents.tolist()):
-        n = int(counts[slot])
-        top = [windows[e] | {"heads": heads[e] if heads else None} for e in examples["top"][slot]]
+
+
+class _FeatureRecords:
+    """Each requested latent's record of the data contract, from the pass's state, the latents' firing frequencies
+    [d_sae], the examples with their windows and head attributions, logit effects and decoder neighbours
+    (ids [n, m], cosines [n, m])."""
+
+    def __init__(
+        self,
+        state: _Pass,
+        frequency: torch.Tensor,
+        examples: dict[str, Any],
+        windows: list[dict[str, Any]],
+        heads: list[list[float]] | None,
+        logits: LogitEffects | None,
+        neighbours: tuple[torch.Tensor, torch.Tensor],
+        pieces: TokenPieces,
+    ):
+        self.counts, self.sums = state.counts.cpu(), state.sums.cpu()
+        self.maxima, self.minima = state.max.cpu(), state.min.cpu()
+        self.histogram, self.dense_threshold = state.histogram, state.sparsity.dense_threshold
+        self.frequency, self.examples, self.windows, self.heads = frequency, examples, windows, heads
+        self.logits, self.pieces = logits, pieces
+        self.neighbour_ids, self.neighbour_cosines = neighbours
+
+    def example(self, e: int) -> dict[str, Any]:
+        """Example e's window with its head attributions (None when there are none)."""
+        return self.windows[e] | {"heads": self.heads[e] if self.heads else None}
+
+    def record(self, slot: int, latent: int) -> dict[str, Any]:
+        """The record of `latent`, the slot-th requested latent."""
+        n = int(self.counts[slot])
+        top = [self.example(e) for e in self.examples["top"][slot]]
         quantiles = [
-            {
-                "low": low,
-                "high": high,
-                "examples": [windows[e] | {"heads": heads[e] if heads else None} for e in chosen],
-            }
-            for low, high, chosen in examples["quantiles"][slot]
+            {"low": low, "high": high, "examples": [self.example(e) for e in chosen]}
+            for low, high, chosen in self.examples["quantiles"][slot]
         ]
         focus_tokens = Counter(w["tokens"][w["focus"]] for w in top)
-        out.append(
-            {
-                "id": latent,
-                "density": float(frequency[latent]),
-                "max_act": float(maxima[slot]) if n else 0.0,
-                "min_act": float(minima[slot]) if n else 0.0,
-                "mean_act": float(sums[slot]) / n if n else 0.0,
-                "dead": n == 0,
-                "dense": bool(frequency[latent] > state.sparsity.dense_threshold),
-                "top_tokens": [token for token, _ in focus_tokens.most_common(_TOP_TOKENS)],
-                "top": top,
-                "quantiles": quantiles,
-                "histogram": state.histogram.result(slot),
-                "logits": _logit_lists(logits, slot, pieces) if logits is not None else None,
-                "neighbours": [
-                    [int(i), float(c)] for i, c in zip(neighbour_ids[slot].tolist(), neighbour_cosines[slot])
-                ],
-                "heads": _mean_heads([heads[e] for e in examples["top"][slot]]) if heads and n else None,
-            }
-        )
-    return summary, out
+        frequency = self.frequency[latent]
+        return {
+            "id": latent,
+            "density": float(frequency),
+            "max_act": float(self.maxima[slot]) if n else 0.0,
+            "min_act": float(self.minima[slot]) if n else 0.0,
+            "mean_act": float(self.sums[slot]) / n if n else 0.0,
+            "dead": n == 0,
+            "dense": bool(frequency > self.dense_threshold),
+            "top_tokens": [token for token, _ in focus_tokens.most_common(_TOP_TOKENS)],
+            "top": top,
+            "quantiles": quantiles,
+            "histogram": self.histogram.result(slot),
+            "logits": _logit_lists(self.logits, slot, self.pieces) if self.logits is not None else None,
+            "neighbours": [
+                [int(i), float(c)] for i, c in zip(self.neighbour_ids[slot].tolist(), self.neighbour_cosines[slot])
+            ],
+            "heads": _mean_heads([self.heads[e] for e in self.examples["top"][slot]]) if self.heads and n else None,
+        }
 
 
 def _logit_lists(logits: LogitEffects, slot: int, pieces: TokenPieces) -> dict[str, list]:

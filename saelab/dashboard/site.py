@@ -23,15 +23,12 @@ import math
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from plotly.offline import get_plotlyjs
 from tqdm.auto import tqdm
 
 from saelab.errors import SaelabError
-
-if TYPE_CHECKING:
-    from saelab.config import DashboardCommand
 
 CHUNK_SIZE = 64
 SIGNIFICANT_DIGITS = 6
@@ -130,56 +127,3 @@ def write_site(
         record = {"chunk": chunk, "features": members}
         (out / chunk_file(chunk)).write_text(f"saelab.register({script_json(record)});\n", encoding="utf-8")
     return out / "index.html"
-
-
-def _feature_selection(config: DashboardCommand, d_sae: int) -> list[int] | None:
-    """The latent ids asked for on the command line; None means all of them."""
-    wanted = config.dashboard.features
-    if wanted:
-        outside = [i for i in wanted if not 0 <= i < d_sae]
-        if outside:
-            raise SaelabError(f"Latent ids {outside} are outside this SAE's range 0..{d_sae - 1}; fix --features.")
-        return sorted(set(wanted))
-    if config.dashboard.n_features > 0:
-        return list(range(min(config.dashboard.n_features, d_sae)))
-    return None
-
-
-def build_dashboard(config: DashboardCommand, progress: bool = True) -> Path:
-    """`saelab dashboard`: load the SAE, its cache and (for logit effects) its model, collect the per-latent data
-    and write the site; return the path of its index.html."""
-    from saelab.activations.cache import ActivationCache
-    from saelab.dashboard.collect import collect_dashboard_data
-    from saelab.models import load_model
-    from saelab.sae.io import load_sae
-
-    options = config.dashboard
-    if not options.sae:
-        raise SaelabError("No SAE given: pass its folder with --sae DIR.")
-    sae = load_sae(options.sae, device=config.model.device)
-    hook = sae.metadata.get("hook")
-    if not hook:
-        raise SaelabError(
-            f"The SAE in {options.sae} records no hook in its metadata, so no cache can be matched to it."
-        )
-    cache = ActivationCache(options.cache)  # checksums checked: a damaged shard is named, not read
-    cache.require(hook, sae.d_in)
-    model_name = config.model.model or sae.metadata.get("model", "")
-    if not model_name:
-        raise SaelabError(
-            f"The SAE in {options.sae} records no model: pass --model NAME (or --model none to skip logit effects)."
-        )
-    model = None if model_name == "none" else load_model(model_name, config.model.device, config.model.model_dtype)
-    summary, features = collect_dashboard_data(
-        sae,
-        cache,
-        model=model,
-        features=_feature_selection(config, sae.d_sae),
-        n_tokens=options.n_tokens or None,
-        top_k=options.top_k,
-        quantile_examples=options.quantile_examples,
-        progress=progress,
-        folder=options.sae,
-    )
-    out = Path(options.out) if options.out else Path(options.sae) / "dashboard"
-    return write_site(out, summary, features, progress=progress)

@@ -13,8 +13,8 @@ shared by the encoder and decoder backward passes.
 
 from __future__ import annotations
 
-from functools import cached_property
 from collections.abc import Sequence
+from functools import cached_property
 from typing import NamedTuple
 
 import torch

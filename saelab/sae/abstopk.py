@@ -27,14 +27,13 @@ class AbsTopKSAE(TopKSAE):
     """Signed top-k SAE: keep the k pre-activations of largest magnitude per token, with their sign."""
 
     architecture = "abstopk"
-    sections = ("aux", "topk")
     signed = True
 
-    def selection_scores(self, z: torch.Tensor, ctx: StepContext | None) -> torch.Tensor:
+    def selection_scores(self, z: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """[batch, d_sae] |z| (times ||d_i|| when rescale_by_decoder_norm)."""
         return super().selection_scores(z, ctx).abs()
 
-    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
+    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext) -> torch.Tensor:
         """The kept pre-activations themselves, signs included."""
         return z_at
 

@@ -34,16 +34,15 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from saelab.config import SAE_SECTIONS, SAEConfig
+from saelab.config import SAEConfig, Section
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout, decode, encode_at
 from saelab.kernels.backend import requested_backend
 from saelab.sae.geometric_median import geometric_median
+from saelab.sae.input_norm import INPUT_NORMS, InputNorm, TokenStats
 from saelab.sae.sparsity import L0Controller
 
-INPUT_NORMS = ("none", "constant", "layernorm")
 MSE_REDUCTIONS = ("sum", "mean")
-LAYERNORM_EPS = 1e-5
 
 
 class StepContext(NamedTuple):
@@ -57,6 +56,8 @@ class StepContext(NamedTuple):
     batch_variance: target [batch, d] -> the sum of ||t - mean||^2 that batch-normalised losses (the top-k
                     family's normalised MSE) divide by; None: the batch's own. Data-parallel training passes
                     this rank's share of the global batch's (saelab.train.distributed.global_variance).
+    training:       False at inference (`INFERENCE`): batch-level variants use their inference thresholds, and
+                    the code's values come from the dense pre-activations with the caller's autograd mode
     """
 
     sparsity_scale: float = 1.0
@@ -64,6 +65,10 @@ class StepContext(NamedTuple):
     grads: torch.Tensor | None = None
     sparse_kernels: bool = True
     batch_variance: Callable[[torch.Tensor], torch.Tensor] | None = None
+    training: bool = True
+
+
+INFERENCE = StepContext(training=False)
 
 
 class LossOutput(NamedTuple):
@@ -86,21 +91,28 @@ def prefers_dense(layout: SparseLayout) -> bool:
 
 
 class EncoderPass:
-    """One batch's encoder pass for a sparse-code variant: dense pre-activations for selecting entries,
-    differentiable pre-activations and decoding at the selected entries only.
+    """One batch's encoder pass for a sparse-code variant: dense pre-activations z [batch, d_sae] for selecting
+    entries, and the pre-activations and decoding at the selected entries only.
 
-    The encoder input is x_n - center, center = b_dec with pre_enc_bias (its gradient flows) or None;
-    z [batch, d_sae] is computed once (on first use), without autograd.
+    Training (ctx.training): the encoder input is x_n - center, center = b_dec with pre_enc_bias (its gradient
+    flows) or None; z is computed once (on first use) without autograd, and `at` recomputes the selected entries
+    on saelab.kernels' sparse autograd functions. Inference: z = sae.encode_pre(x_n) under the caller's autograd
+    mode, and `at` gathers from it. `EncoderPass(sae, None, ctx, z=z)` selects from given pre-activations (for
+    variants whose code depends on z alone).
     """
 
-    def __init__(self, sae: SAE, x_n: torch.Tensor, sparse_kernels: bool):
+    def __init__(self, sae: SAE, x_n: torch.Tensor | None, ctx: StepContext, z: torch.Tensor | None = None):
         self.sae = sae
         self.x_n = x_n
+        self.training = ctx.training and z is None
         self.center = sae.b_dec if sae.cfg.pre_enc_bias else None
-        self.sparse_kernels = sparse_kernels
+        self.sparse_kernels = ctx.sparse_kernels
+        self.z_graph = None if self.training else z if z is not None else sae.encode_pre(x_n)
 
     @cached_property
     def z(self) -> torch.Tensor:
+        if self.z_graph is not None:
+            return self.z_graph.detach()
         with torch.no_grad():
             x_in = self.x_n if self.center is None else self.x_n - self.center
             return torch.addmm(self.sae.b_enc, x_in, self.sae.W_enc)
@@ -110,6 +122,8 @@ class EncoderPass:
 
     def at(self, layout: SparseLayout) -> torch.Tensor:
         """[nnz] z at the layout's entries, with gradients to the encoder's inputs and weights."""
+        if self.z_graph is not None:
+            return self.z_graph[layout.rows, layout.indices]
         z_at = self.z[layout.rows, layout.indices]
         sae = self.sae
         return encode_at(self.x_n, self.center, sae.W_enc, sae.b_enc, layout, z_at, dense=self.use_dense(layout))
@@ -124,9 +138,9 @@ class SAE(nn.Module):
     sparsity_loss (dense variants); see the module docstring."""
 
     architecture: ClassVar[str] = ""
-    sections: ClassVar[tuple[str, ...]] = ()  # config sections (besides `sae`) this variant reads
+    # config sections (besides `sae`) this variant reads; section `name` is the attribute `<name>_cfg`
+    sections: ClassVar[tuple[type[Section], ...]] = ()
     unit_norm_decoder: ClassVar[bool] = True  # keep decoder rows at unit norm during training
-    decoder_norm_foldable: ClassVar[bool] = False  # fold ||d_i|| into the encoder at save (exact for ReLU/JumpReLU)
     signed: ClassVar[bool] = False  # codes may be negative (AbsTopK): statistics count a != 0
     default_lr: ClassVar[float] = 2e-4  # scaled by (d_sae / 2**14) ** -0.5 when --lr is 0
     sparse_code: ClassVar[bool] = False  # the variant implements select / values_at / code_losses
@@ -138,6 +152,7 @@ class SAE(nn.Module):
     # --target-l0 while the option is 0 (saelab.sae.sparsity); None: the variant fixes its L0 itself (top-k family).
     sparsity_coefficient: ClassVar[tuple[str, str] | None] = None
     sparsity_sign: ClassVar[int] = 1  # +1: a larger coefficient gives a sparser code; -1: a denser one
+    needs_lm_grads: ClassVar[bool] = False  # training reads d(LM loss)/dx at its hook (ctx.grads; g-SAE)
 
     def __init__(self, d_in: int, cfg: SAEConfig, options: dict[str, Any] | None = None, metadata: dict | None = None):
         super().__init__()
@@ -153,7 +168,8 @@ class SAE(nn.Module):
         self.cfg = dataclasses.replace(cfg, d_sae=d_sae, k=cfg.k or max(1, round(cfg.target_l0)))
         self.d_in, self.d_sae = d_in, d_sae
         options = options or {}
-        self.options = {name: options.get(name) or SAE_SECTIONS[name]() for name in self.sections}
+        for section in self.sections:
+            setattr(self, f"{section.name}_cfg", options.get(section.name) or section())
         self.metadata = dict(metadata or {})  # hook, model, trained tokens...: informational, saved in cfg.json
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
@@ -181,14 +197,16 @@ class SAE(nn.Module):
             self.b_enc.zero_()
             self.b_dec.zero_()
 
-    def option(self, section: str) -> Any:
-        return self.options[section]
+    @property
+    def options(self) -> dict[str, Section]:
+        """Section name -> this SAE's config section, for every section it reads."""
+        return {section.name: getattr(self, f"{section.name}_cfg") for section in self.sections}
 
     # -- sparsity target ---------------------------------------------------------------------------
     def fixed_sparsity_coef(self) -> float:
         """The sparsity coefficient's option as given (0: adapted toward --target-l0)."""
         section, name = self.sparsity_coefficient
-        return getattr(self.option(section), name)
+        return getattr(self.options[section], name)
 
     def initial_sparsity_coef(self) -> float:
         """Where the L0 controller starts its coefficient (variants with a sparsity_coefficient override this)."""
@@ -210,7 +228,8 @@ class SAE(nn.Module):
         coefficient, so they load as they ran)."""
         if self.l0_controller is not None:
             section, name = self.sparsity_coefficient
-            self.options[section] = dataclasses.replace(self.option(section), **{name: float(self.l0_controller.value)})
+            frozen = dataclasses.replace(self.options[section], **{name: float(self.l0_controller.value)})
+            setattr(self, f"{section}_cfg", frozen)
             self.l0_controller = None
 
     @torch.no_grad()
@@ -223,21 +242,24 @@ class SAE(nn.Module):
         """Fraction of training over which the trainer ramps ctx.sparsity_scale from 0 to 1."""
         return 0.0
 
-    # -- the map -----------------------------------------------------------------------------------
-    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Raw x [batch, d_in] -> (x in the SAE's space, what `denormalize` needs)."""
-        if self.cfg.input_norm == "layernorm":  # OpenAI's and SAELens' convention, so their SAEs load exactly
-            mean = x.mean(dim=-1, keepdim=True)
-            std = x.std(dim=-1, keepdim=True)
-            return (x - mean) / (std + LAYERNORM_EPS), (mean, std)
-        return x * self.input_scale, None
+    def resample_schedule(self) -> tuple[tuple[int, ...], float]:
+        """(steps after which the trainer resamples dead latents, the resampled encoder rows' norm as a fraction of
+        the mean alive one); no steps by default (saelab.train.resample)."""
+        return (), 0.0
 
-    def denormalize(self, x_hat: torch.Tensor, stats: Any) -> torch.Tensor:
-        """Inverse of `normalize` (layer norm: x_hat * std + mean, without eps, as OpenAI and SAELens do)."""
-        if self.cfg.input_norm == "layernorm":
-            mean, std = stats
-            return x_hat * std + mean
-        return x_hat / self.input_scale
+    # -- the map -----------------------------------------------------------------------------------
+    @property
+    def input_norm(self) -> InputNorm:
+        """The map between raw activations and this SAE's space (over the input_scale buffer)."""
+        return InputNorm(self.cfg.input_norm, self.input_scale)
+
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenStats | None]:
+        """Raw x [batch, d_in] -> (x in the SAE's space, what `denormalize` needs)."""
+        return self.input_norm.to_sae(x)
+
+    def denormalize(self, x_hat: torch.Tensor, stats: TokenStats | None) -> torch.Tensor:
+        """Inverse of `normalize`: x_hat [batch, d_in] in the SAE's space -> raw space."""
+        return self.input_norm.from_sae(x_hat, stats)
 
     def encode_pre(self, x_n: torch.Tensor) -> torch.Tensor:
         """[batch, d_in] (normalised) -> pre-activations z [batch, d_sae]."""
@@ -245,29 +267,37 @@ class SAE(nn.Module):
             x_n = x_n - self.b_dec
         return x_n @ self.W_enc + self.b_enc
 
-    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+    def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
         """Sparse-code variants: z [batch, d_sae] (no grad) -> the entries the code keeps."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} (a sparse-code variant) must implement select.")
 
-    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
+    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext) -> torch.Tensor:
         """Sparse-code variants: z at the kept entries [nnz] -> the code's values there [nnz] (differentiable)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} (a sparse-code variant) must implement values_at.")
 
-    def training_selection(self, encoder: EncoderPass, ctx: StepContext) -> SparseLayout:
-        """Sparse-code variants: the entries a training step keeps; select(z, ctx) unless the variant needs more."""
+    def select_entries(self, encoder: EncoderPass, ctx: StepContext) -> SparseLayout:
+        """Sparse-code variants: the entries the code keeps, from the encoder pass; select(encoder.z, ctx) unless
+        the variant needs more than z (top-AFA reads encoder.x_n)."""
         return self.select(encoder.z, ctx)
 
-    def sparse_encode(self, z: torch.Tensor, ctx: StepContext | None = None) -> SparseCode:
-        """z [batch, d_sae] -> the code as a SparseCode (no autograd through selection). Dense variants keep the
-        nonzero entries of `activate`, so every variant's code can be decoded and counted sparsely."""
-        if not self.sparse_code:
-            return SparseCode.from_dense(self.activate(z, ctx))
-        layout = self.select(z.detach(), ctx)
-        return SparseCode(layout, self.values_at(z[layout.rows, layout.indices], layout, ctx))
+    def sparse_code_of(self, encoder: EncoderPass, ctx: StepContext) -> SparseCode:
+        """Sparse-code variants: the code of an encoder pass (values differentiable, selection not)."""
+        layout = self.select_entries(encoder, ctx)
+        return SparseCode(layout, self.values_at(encoder.at(layout), layout, ctx))
 
-    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
-        """z [batch, d_sae] -> code a [batch, d_sae]. ctx is None at inference (use inference thresholds)."""
-        return self.sparse_encode(z, ctx).dense()
+    def encode_normalized(self, x_n: torch.Tensor, ctx: StepContext = INFERENCE) -> SparseCode:
+        """x_n [batch, d_in] in the normalised space -> the code over [batch, d_sae] (CSR; no autograd through the
+        selection). Dense variants keep the nonzero entries of `activate`."""
+        if self.sparse_code:
+            return self.sparse_code_of(EncoderPass(self, x_n, ctx), ctx)
+        return SparseCode.from_dense(self.activate(self.encode_pre(x_n), ctx))
+
+    def activate(self, z: torch.Tensor, ctx: StepContext = INFERENCE) -> torch.Tensor:
+        """z [batch, d_sae] -> dense code a [batch, d_sae], for variants whose code is a function of z alone.
+        Dense variants implement it; sparse-code variants select from z (their select / values_at)."""
+        if not self.sparse_code:
+            raise NotImplementedError(f"{type(self).__name__} (a dense variant) must implement activate.")
+        return self.sparse_code_of(EncoderPass(self, None, ctx, z=z), ctx).dense()
 
     def decode(self, a: torch.Tensor) -> torch.Tensor:
         """a [batch, d_sae] -> reconstruction [batch, d_in] in the normalised space."""
@@ -283,7 +313,7 @@ class SAE(nn.Module):
         [batch, d_in] in the normalised space, what `denormalize` needs). The inference entry point for
         evaluation and dashboards: the code stays sparse (CSR) for every variant."""
         x_n, stats = self.normalize(x.reshape(-1, self.d_in))
-        return self.sparse_encode(self.encode_pre(x_n)), x_n, stats
+        return self.encode_normalized(x_n), x_n, stats
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations [..., d_in] -> dense code [..., d_sae] (inference)."""
@@ -321,9 +351,8 @@ class SAE(nn.Module):
     def training_loss(self, x_n: torch.Tensor, ctx: StepContext) -> LossOutput:
         """x_n [batch, d_in] in the normalised space -> loss and its parts."""
         if self.sparse_code:
-            encoder = EncoderPass(self, x_n, ctx.sparse_kernels)
-            layout = self.training_selection(encoder, ctx)
-            code = SparseCode(layout, self.values_at(encoder.at(layout), layout, ctx))
+            encoder = EncoderPass(self, x_n, ctx)
+            code = self.sparse_code_of(encoder, ctx)
             x_hat = encoder.decode(code) + self.b_dec
             terms = {"mse": self.reconstruction_loss(x_n, x_hat, ctx)}
             terms.update(self.code_losses(encoder, x_n, code, x_hat, ctx))
@@ -362,28 +391,16 @@ class SAE(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
 
     # -- saving ------------------------------------------------------------------------------------
-    def scale_latents(self, scale: torch.Tensor) -> None:
-        """Latent i's pre-activation is being multiplied by scale[i] [d_sae]: rescale per-latent state
-        that lives in z units (e.g. JumpReLU thresholds). Extended by subclasses."""
-
     @torch.no_grad()
     def fold(self) -> SAE:
-        """Fold the constant input scale (always exact) and decoder norms (where exact) into the weights, and fix
-        the sparsity coefficient at the controller's value (freeze_sparsity)."""
+        """Fold the constant input scale into the weights (InputNorm.fold) and fix the sparsity coefficient at the
+        controller's value (freeze_sparsity). Neither changes a code: a saved SAE's codes are the ones it was
+        trained with, for every variant (dashboards, steering and evaluations read them), and its decoder rows
+        are in raw units (the trained rows divided by c)."""
         self.freeze_sparsity()
-        c = self.input_scale.clone()
-        if self.cfg.input_norm == "constant" and c != 1:
-            self.W_enc *= c
-            self.W_dec /= c
-            self.b_dec /= c
-            self.input_scale.fill_(1.0)
-            self.metadata["folded_input_scale"] = float(c)
-        if self.decoder_norm_foldable:
-            norms = self.W_dec.norm(dim=1)
-            self.W_enc *= norms
-            self.b_enc *= norms
-            self.W_dec /= norms[:, None]
-            self.scale_latents(norms)
+        folded = self.input_norm.fold(self.W_enc, self.W_dec, self.b_dec)
+        if folded is not None:
+            self.metadata["folded_input_scale"] = folded
         return self
 
     def config_dict(self) -> dict[str, Any]:

@@ -91,7 +91,6 @@ class BatchTopKSAE(TopKSAE):
 
     architecture = "batchtopk"
     calibrates_inference = True
-    sections = ("aux", "topk")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -103,13 +102,13 @@ class BatchTopKSAE(TopKSAE):
 
     def validate(self) -> None:
         super().validate()
-        rate = self.option("topk").threshold_rate
+        rate = self.topk_cfg.threshold_rate
         if not 0 < rate <= 1:
             raise SaelabError(f"--threshold-rate must be in (0, 1] (got {rate}).")
 
-    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+    def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
         """Training: the top k*batch of ReLU(selection scores) in the batch. Inference: z > theta."""
-        if ctx is None:
+        if not ctx.training:
             return SparseLayout.from_mask(z > self.threshold)
         return batch_topk_layout(self.selection_scores(z, ctx).relu(), self.cfg.k * z.shape[0])
 
@@ -127,4 +126,4 @@ class BatchTopKSAE(TopKSAE):
         """theta <- EMA of the smallest positive value of the training code."""
         positive = code.values[code.values > 0]
         if positive.numel():
-            ema_threshold_(self.threshold, positive.min(), self.option("topk").threshold_rate)
+            ema_threshold_(self.threshold, positive.min(), self.topk_cfg.threshold_rate)

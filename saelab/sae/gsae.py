@@ -18,11 +18,25 @@ is multiplied by the same factor (1 + beta * e_ti).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
+from saelab.config import Section, option
 from saelab.errors import SaelabError
 from saelab.sae.base import StepContext
-from saelab.sae.topk import TopKSAE
+from saelab.sae.topk import AuxConfig, TopKConfig, TopKSAE
+
+
+@dataclass
+class GSAEConfig(Section):
+    name: ClassVar[str] = "gsae"
+
+    gsae_beta: float = option(
+        1.0, "g-SAE: select by z * (1 + beta * |d_i . g|) in training; beta = 0 is TopK, and inference is TopK.", min=0,
+    )
+
 
 
 class GradientSAE(TopKSAE):
@@ -46,11 +60,13 @@ class GradientSAE(TopKSAE):
     """
 
     architecture = "gsae"
-    sections = ("aux", "topk", "gsae")
+    needs_lm_grads = True
+    sections = (AuxConfig, TopKConfig, GSAEConfig)
+    gsae_cfg: GSAEConfig
 
     def validate(self) -> None:
         super().validate()
-        beta = self.option("gsae").gsae_beta
+        beta = self.gsae_cfg.gsae_beta
         if beta < 0:
             raise SaelabError(f"--gsae-beta must be >= 0 (got {beta}); 0 is plain TopK.")
 
@@ -64,11 +80,11 @@ class GradientSAE(TopKSAE):
         with torch.no_grad():
             return (grads.to(self.W_dec) @ self.W_dec.T).abs()
 
-    def selection_scores(self, z: torch.Tensor, ctx: StepContext | None) -> torch.Tensor:
+    def selection_scores(self, z: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """[batch, d_sae] TopK scores times (1 + beta * |g . d_i|) when gradients are given."""
         scores = super().selection_scores(z, ctx)
-        beta = self.option("gsae").gsae_beta
-        if ctx is None or ctx.grads is None or beta == 0:
+        beta = self.gsae_cfg.gsae_beta
+        if not ctx.training or ctx.grads is None or beta == 0:
             return scores
         if ctx.grads.shape[0] != z.shape[0]:
             raise SaelabError(f"g-SAE got {ctx.grads.shape[0]} gradient rows for a batch of {z.shape[0]} tokens.")

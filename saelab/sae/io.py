@@ -12,17 +12,19 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saelab import __version__
-from saelab.config import SAE_SECTIONS, SAEConfig
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.sae.base import SAE
-from saelab.sae.registry import create_sae
+from saelab.sae.registry import SAE_SECTIONS, create_sae
 
 WEIGHTS = "sae.safetensors"
 LINEAR_WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -111,3 +113,33 @@ def _check_finite(sae: SAE, folder: Path) -> SAE:
             "training run stops at the first NaN loss and keeps a checkpoint of the last good state)."
         )
     return sae
+
+
+class LoadedSAE(NamedTuple):
+    """An SAE loaded from `folder` for inference, and the hook it reads."""
+
+    folder: str
+    sae: SAE
+    hook: str
+
+
+def recorded_hook(sae: SAE, name: str, default: str | None = None) -> str:
+    """The hook `sae` reads: its metadata's 'hook', else `default`; a SaelabError naming `name` if neither is set."""
+    hook = sae.metadata.get("hook") or default
+    if not hook:
+        raise SaelabError(
+            f"{name} does not record the hook it reads (metadata 'hook'); add it to the metadata in its cfg.json."
+        )
+    return hook
+
+
+def load_saes(
+    folders: Sequence[str | Path], device: str | torch.device = "cpu", default_hook: str | None = None
+) -> list[LoadedSAE]:
+    """Load each SAE folder (saelab or SAELens) onto `device` in eval mode, with the hook it reads (metadata 'hook',
+    else `default_hook`; a SaelabError naming the folder if neither is set), in the order given."""
+    loaded = []
+    for folder in folders:
+        sae = load_sae(folder, device=device).eval()
+        loaded.append(LoadedSAE(str(folder), sae, recorded_hook(sae, str(folder), default_hook)))
+    return loaded

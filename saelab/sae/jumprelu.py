@@ -16,7 +16,7 @@ Sparsity (`--sparsity-mode`), lambda = l0_price() * ctx.sparsity_scale (l0_coef 
     tanh:   lambda * mean_B sum_i tanh(c a_i ||d_i||)                          (Anthropic, January 2025)
             + preact_coef * mean_B sum_i ReLU(theta_i - z_i) ||d_i||          (on dead latents, see below)
     target: lambda * (L0 / target_l0 - 1)^2, L0 = mean_B sum_i H(z_i - theta_i) (dictionary_learning)
-Decoder rows are kept at unit norm (Gemma Scope); folding norms at save time also rescales theta.
+Decoder rows are kept at unit norm (Gemma Scope).
 
 Reaching --target-l0 with no tuning (saelab.sae.sparsity): with --theta-init 0 (the default) each theta_i
 starts at latent i's (1 - target_l0/d_sae) quantile of its initial pre-activations, so the code starts at the
@@ -36,14 +36,47 @@ pre-activation term reaches every entry with z_i < theta_i, so it trains with de
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from saelab.config import Section, option
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout
-from saelab.sae.base import SAE, EncoderPass, StepContext
+from saelab.sae.base import INFERENCE, SAE, EncoderPass, StepContext
 from saelab.sae.sparsity import target_quantiles
+
+
+@dataclass
+class JumpReLUConfig(Section):
+    name: ClassVar[str] = "jumprelu"
+
+    l0_coef: float = option(
+        1.0, "JumpReLU sparsity coefficient, in units of d_in / --target-l0 (an average active latent's share"
+        " of ||x||^2).",
+        min=0,
+    )
+    threshold_scale: float = option(
+        0.0, "Factor on every threshold; 0: adapted each step so that the L0 reaches --target-l0 (1 once saved).",
+        min=0,
+    )
+    theta_init: float = option(
+        0.0, "Initial threshold; 0: each latent's quantile that gives --target-l0 at the start.", min=0
+    )
+    bandwidth: float = option(
+        0.05, "Straight-through estimator bandwidth epsilon, in units of z (match it to the input scale).", above=0
+    )
+    sparsity_mode: str = option(
+        "step", "step (L0 via the STE), tanh (Anthropic 2025) or target (lambda * (L0 / --target-l0 - 1)^2)."
+    )
+    tanh_c: float = option(4.0, "tanh mode: sum_i tanh(c * a_i * ||d_i||).", above=0)
+    preact_coef: float = option(3e-6, "tanh mode: pre-activation loss on latents below threshold.", min=0)
+    jumprelu_warmup_fraction: float = option(
+        0.1, "Warm a given --l0-coef up over this fraction of steps.", min=0, max=1
+    )
+
 
 SPARSITY_MODES = ("step", "tanh", "target")
 
@@ -115,9 +148,9 @@ class JumpReLUSAE(SAE):
     """JumpReLU SAE: a = z * H(z - theta) [batch, d_sae] with theta = exp(log_threshold) [d_sae] learnt by STE."""
 
     architecture = "jumprelu"
-    sections = ("jumprelu",)
+    sections = (JumpReLUConfig,)
+    jumprelu_cfg: JumpReLUConfig
     unit_norm_decoder = True  # Gemma Scope keeps decoder rows at unit norm
-    decoder_norm_foldable = True  # exact: a(s z; s theta) = s a(z; theta) for s > 0, see scale_latents
     sparsity_coefficient = ("jumprelu", "threshold_scale")  # a larger scale: higher thresholds, a sparser code
 
     def _ensure_log_threshold(self) -> None:
@@ -132,7 +165,7 @@ class JumpReLUSAE(SAE):
         return self.log_threshold.exp() * self.sparsity_coef()
 
     def validate(self) -> None:
-        opt = self.option("jumprelu")
+        opt = self.jumprelu_cfg
         if opt.sparsity_mode not in SPARSITY_MODES:
             raise SaelabError(f"Unknown --sparsity-mode '{opt.sparsity_mode}'; use step, tanh or target.")
         if opt.l0_coef < 0 or opt.preact_coef < 0 or opt.tanh_c < 0:
@@ -160,7 +193,7 @@ class JumpReLUSAE(SAE):
             self.W_enc.copy_(self.W_dec.T)
             self.b_enc.zero_()
             self.b_dec.zero_()
-            self.log_threshold.fill_(math.log(self.option("jumprelu").theta_init or self.option("jumprelu").bandwidth))
+            self.log_threshold.fill_(math.log(self.jumprelu_cfg.theta_init or self.jumprelu_cfg.bandwidth))
 
     @torch.no_grad()
     def initialize_from_data(self, x_n: torch.Tensor) -> None:
@@ -169,7 +202,7 @@ class JumpReLUSAE(SAE):
         --theta-init 0, theta_i = latent i's (1 - target_l0/d_sae) quantile of z on the sample (at least the
         bandwidth, so theta stays positive)."""
         super().initialize_from_data(x_n)
-        opt = self.option("jumprelu")
+        opt = self.jumprelu_cfg
         if opt.theta_init == 0:
             theta = target_quantiles(self, x_n)
             self.log_threshold.copy_(theta.clamp_min(opt.bandwidth).log())
@@ -183,32 +216,32 @@ class JumpReLUSAE(SAE):
         super().freeze_sparsity()
 
     def sparsity_warmup_fraction(self) -> float:
-        return self.option("jumprelu").jumprelu_warmup_fraction
+        return self.jumprelu_cfg.jumprelu_warmup_fraction
 
-    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+    def activate(self, z: torch.Tensor, ctx: StepContext = INFERENCE) -> torch.Tensor:
         """z [batch, d_sae] -> a = z * 1[z > theta] (exact forward; STE backward)."""
-        return jumprelu(z, self.threshold, self.option("jumprelu").bandwidth)
+        return jumprelu(z, self.threshold, self.jumprelu_cfg.bandwidth)
 
     @property
     def sparse_code(self) -> bool:
-        return self.option("jumprelu").sparsity_mode != "tanh"
+        return self.jumprelu_cfg.sparsity_mode != "tanh"
 
-    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+    def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
         """Training: z > theta - eps/2 (active or inside the STE window); inference: z > theta."""
         theta = self.threshold.detach()
-        if ctx is not None:
-            theta = theta - self.option("jumprelu").bandwidth / 2
+        if ctx.training:
+            theta = theta - self.jumprelu_cfg.bandwidth / 2
         return SparseLayout.from_mask(z > theta)
 
-    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
-        return jumprelu(z_at, self.threshold[layout.indices], self.option("jumprelu").bandwidth)
+    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext) -> torch.Tensor:
+        return jumprelu(z_at, self.threshold[layout.indices], self.jumprelu_cfg.bandwidth)
 
     def code_losses(
         self, encoder: EncoderPass, x_n: torch.Tensor, code: SparseCode, x_hat: torch.Tensor, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
         """The step / target sparsity term over the code's entries (every other entry contributes 0 and no
         gradient; z is taken without gradient: dH/dz := 0), and the pre-activation term on dead latents."""
-        opt = self.option("jumprelu")
+        opt = self.jumprelu_cfg
         layout = code.layout
         z_at = encoder.z[layout.rows, layout.indices]
         l0 = step(z_at, self.threshold[layout.indices], opt.bandwidth).sum() / max(layout.batch, 1)
@@ -233,11 +266,11 @@ class JumpReLUSAE(SAE):
         value suits every width, d_in and target. Measured on planted dictionaries (d_in 48, L0 3): l0_coef 0.06
         and 0.6-6 give MMCS 0.94 and 0.97, with 50% and 15% of the latents unused."""
         scale = self.d_in if self.cfg.mse_reduction == "sum" else 1.0
-        return self.option("jumprelu").l0_coef * scale / self.cfg.target_l0
+        return self.jumprelu_cfg.l0_coef * scale / self.cfg.target_l0
 
     def l0_penalty(self, l0: torch.Tensor) -> torch.Tensor:
         """The step mode's L0 itself, or the target mode's (L0 / target_l0 - 1)^2."""
-        opt = self.option("jumprelu")
+        opt = self.jumprelu_cfg
         return (l0 / self.cfg.target_l0 - 1).pow(2) if opt.sparsity_mode == "target" else l0
 
     def sparsity_loss(
@@ -250,15 +283,10 @@ class JumpReLUSAE(SAE):
         (SAELens) and every latent when ctx.dead is None (Anthropic's January 2025 form). Only lambda is warmed
         up (ctx.sparsity_scale); preact_coef is constant, as in SAELens.
         """
-        opt = self.option("jumprelu")
+        opt = self.jumprelu_cfg
         norms = self.W_dec.norm(dim=1)  # [d_sae]
         tanh_term = torch.tanh(opt.tanh_c * a * norms).sum(dim=-1).mean()
         gap = (self.threshold - z).relu() * norms  # [batch, d_sae]
         if ctx.dead is not None:
             gap = gap * ctx.dead.to(gap.dtype)
         return {"sparsity": self.l0_price() * ctx.sparsity_scale * tanh_term, "preact": opt.preact_coef * gap.sum(dim=-1).mean()}
-
-    @torch.no_grad()
-    def scale_latents(self, scale: torch.Tensor) -> None:
-        """z_i is being multiplied by scale[i] > 0 [d_sae]: theta_i <- scale[i] * theta_i keeps a_i / z_i unchanged."""
-        self.log_threshold += scale.to(self.log_threshold).log()

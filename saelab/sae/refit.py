@@ -39,7 +39,7 @@ class RefitReport(NamedTuple):
 def sample_codes(sae, x_n: torch.Tensor, chunk: int = 4096) -> SparseCode:
     """The inference code of x_n [T, d_in] (normalised) as one SparseCode over [T, d_sae], `chunk` tokens at a
     time so no dense [T, d_sae] is formed."""
-    return SparseCode.cat([sae.sparse_encode(sae.encode_pre(x_n[i : i + chunk])) for i in range(0, len(x_n), chunk)])
+    return SparseCode.cat([sae.encode_normalized(x_n[i : i + chunk]) for i in range(0, len(x_n), chunk)])
 
 
 def _split(code: SparseCode, tokens: int) -> tuple[SparseCode, SparseCode]:

@@ -1,10 +1,12 @@
-"""Architecture name -> SAE class. Adding a variant is one file, its tests and one line here."""
+"""Architecture name -> SAE class, and the config sections they read. Adding a variant is one file (the class
+and its config section), its tests and one line here: its options then appear in `saelab train`, saved configs,
+sweeps and the contract tests."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from saelab.config import SAEConfig
+from saelab.config import SAEConfig, Section
 from saelab.errors import SaelabError
 from saelab.sae.abstopk import AbsTopKSAE
 from saelab.sae.base import SAE
@@ -18,15 +20,24 @@ from saelab.sae.topafa import TopAFASAE
 from saelab.sae.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[SAE]] = {
-    ReLUSAE.architecture: ReLUSAE,
-    TopKSAE.architecture: TopKSAE,
-    BatchTopKSAE.architecture: BatchTopKSAE,
-    AbsTopKSAE.architecture: AbsTopKSAE,
-    GradientSAE.architecture: GradientSAE,
-    ChoiceSAE.architecture: ChoiceSAE,
-    JumpReLUSAE.architecture: JumpReLUSAE,
-    TopAFASAE.architecture: TopAFASAE,
-    ThresholdSAE.architecture: ThresholdSAE,
+    cls.architecture: cls
+    for cls in (
+        ReLUSAE,
+        TopKSAE,
+        BatchTopKSAE,
+        AbsTopKSAE,
+        GradientSAE,
+        ChoiceSAE,
+        JumpReLUSAE,
+        TopAFASAE,
+        ThresholdSAE,
+    )
+}
+
+# Section name -> config section: `sae` and every section a registered variant reads (in first-use order).
+SAE_SECTIONS: dict[str, type[Section]] = {
+    "sae": SAEConfig,
+    **{section.name: section for cls in ARCHITECTURES.values() for section in cls.sections},
 }
 
 

@@ -30,8 +30,9 @@ Mapping (SAELens -> saelab; encode and decode agree to float rounding, layer_nor
 
 saelab -> SAELens (`save_saelens`) is the inverse on a folded copy; gsae is TopK at inference and is written
 as topk; batchtopk and choice (both modes) are a JumpReLU at inference (a = z * 1[z > theta], theta >= 0) and
-are written as jumprelu. Not representable in SAELens, refused: threshold (shrinkage operators) and topafa
-(a per-token number of latents).
+are written as jumprelu; soft thresholds (a = ReLU(z - t)) as standard with b_enc - t, hard thresholds
+(a = z 1[z > sqrt(2t)]) as jumprelu. Not representable in SAELens, refused: the half, lq and CEL0 thresholds
+(shrinkage past a jump) and topafa (a per-token number of latents).
 
 layer_norm <-> layernorm: both normalise with the unbiased std, (x - mu) / (std + 1e-5), and undo it with
 x_hat * std + mu (OpenAI's convention), so the weights map unchanged.
@@ -51,7 +52,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saelab import __version__
-from saelab.config import SAE_SECTIONS, SAEConfig
+from saelab.config import SAEConfig
 from saelab.dtypes import dtype_name
 from saelab.errors import SaelabError
 from saelab.sae.base import SAE
@@ -65,10 +66,9 @@ SUPPORTED = ("standard", "topk", "abstopk", "jumprelu", "batchtopk")
 NORMS_TO_SAELAB = {"none": "none", "layer_norm": "layernorm"}
 NORMS_TO_SAELENS = {"none": "none", "constant": "none", "layernorm": "layer_norm"}  # constant: folded first
 TOPK_FAMILY = {"topk": "topk", "gsae": "topk", "abstopk": "abstopk"}  # saelab -> SAELens
-THRESHOLD_FAMILY = ("batchtopk", "choice")  # a = z * 1[z > theta] at inference
+JUMPRELU_AT_INFERENCE = ("batchtopk", "choice")  # a = z * 1[z > theta] at inference
+EXPORTED_THRESHOLDS = ("soft", "hard")  # ReLU(z - t) is a standard SAE; z 1[z > sqrt(2t)] a JumpReLU
 UNREPRESENTABLE = {
-    "threshold": "its activation is a shrinkage/thresholding operator (soft, hard, half, lq, cel0) on signed "
-    "pre-activations, which no SAELens architecture computes",
     "topafa": "it picks a different number of latents per token by matching the code norm to ||x - b_dec||, "
     "which no SAELens architecture computes",
 }
@@ -178,13 +178,13 @@ def _input_norm(norm: str, folder: Path) -> str:
 def _restore_options(cls: type[SAE], block: dict[str, Any]) -> dict[str, Any]:
     """Config sections of `cls` that a saelab-written folder recorded (training options; not the forward map)."""
     options = {}
-    for name in cls.sections:
-        values = (block.get("options") or {}).get(name)
+    for section in cls.sections:
+        values = (block.get("options") or {}).get(section.name)
         if isinstance(values, dict):
-            known = {f.name for f in dataclasses.fields(SAE_SECTIONS[name])}
-            options[name] = SAE_SECTIONS[name](**{k: v for k, v in values.items() if k in known})
+            known = {f.name for f in dataclasses.fields(section)}
+            options[section.name] = section(**{k: v for k, v in values.items() if k in known})
         else:
-            options[name] = SAE_SECTIONS[name]()
+            options[section.name] = section()
     return options
 
 
@@ -306,7 +306,13 @@ def saelens_state_and_config(sae: SAE) -> tuple[dict[str, torch.Tensor], dict[st
     arch = sae.architecture
     if arch in UNREPRESENTABLE:
         raise SaelabError(f"saelab's '{arch}' SAE cannot be saved in SAELens format: {UNREPRESENTABLE[arch]}.")
-    if arch not in ("relu", "jumprelu", *TOPK_FAMILY, *THRESHOLD_FAMILY):
+    family = _option(sae, "threshold", "threshold_family", None)
+    if arch == "threshold" and family not in EXPORTED_THRESHOLDS:
+        raise SaelabError(
+            f"saelab's '{family}' threshold SAE cannot be saved in SAELens format: its operator shrinks or jumps in "
+            f"a way no SAELens architecture computes (soft and hard thresholds can be)."
+        )
+    if arch not in ("relu", "jumprelu", "threshold", *TOPK_FAMILY, *JUMPRELU_AT_INFERENCE):
         raise SaelabError(f"saelab does not know how to write its '{arch}' SAE in SAELens format.")
     if sae.cfg.input_norm not in NORMS_TO_SAELENS:
         raise SaelabError(f"saelab's input norm '{sae.cfg.input_norm}' has no SAELens normalize_activations.")
@@ -318,6 +324,14 @@ def saelens_state_and_config(sae: SAE) -> tuple[dict[str, torch.Tensor], dict[st
     extra_meta: dict[str, Any] = {}
     if arch == "relu":
         sl_arch = "standard"
+    elif arch == "threshold":  # a = op(ReLU(z)) >= 0; see EXPORTED_THRESHOLDS
+        cutoff = saved.zero_below()
+        if family == "soft":
+            sl_arch = "standard"
+            b_enc -= cutoff
+        else:
+            sl_arch = "jumprelu"
+            state["threshold"] = torch.full_like(b_enc, cutoff)
     elif arch in TOPK_FAMILY:  # gsae selects exactly as TopK at inference (no gradients)
         sl_arch = TOPK_FAMILY[arch]
         if _option(saved, "topk", "rescale_by_decoder_norm", False):
@@ -386,12 +400,14 @@ def save_saelens(sae: SAE, folder: str | Path) -> Path:
     """Write `sae` as a SAELens 6.x folder (cfg.json + sae_weights.safetensors) loadable with SAELens'
     `SAE.load_from_disk(folder)`; returns the folder (replaced if it exists).
 
-    A folded copy is written (constant input scale, and decoder norms where saelab folds them, go into the
-    weights), so SAELens' decode(encode(x)) for x [..., d_in] equals `sae(x)`. SAELens' encode(x) [..., d_sae]
-    equals `sae.encode(x)` up to a positive per-latent factor where norms were folded: ||d_i|| of the folded
-    copy for relu, jumprelu, and the top-k family with topk.rescale_by_decoder_norm; 1 otherwise.
-    saelab's own config and metadata are kept under cfg.json's metadata["saelab"] for `load_saelens`.
-    Raises SaelabError for architectures SAELens cannot represent (threshold, topafa).
+    A folded copy is written (the constant input scale goes into the weights), so SAELens' decode(encode(x)) for
+    x [..., d_in] equals `sae(x)`, and SAELens' encode(x) [..., d_sae] equals `sae.encode(x)`, except for the
+    top-k family with topk.rescale_by_decoder_norm: SAELens' TopK selects by z alone, so the decoder norms are
+    folded into the encoder and its codes are a_i * ||d_i|| (||d_i|| = 1 / c for a decoder trained at unit norm
+    on inputs scaled by c). Soft thresholds are written as a standard SAE with b_enc - t, hard thresholds as a
+    JumpReLU with threshold sqrt(2t). saelab's own config and metadata are kept under cfg.json's
+    metadata["saelab"] for `load_saelens`. Raises SaelabError for what SAELens cannot represent (topafa; the
+    half, lq and CEL0 thresholds).
     """
     folder = Path(folder)
     state, config = saelens_state_and_config(sae)

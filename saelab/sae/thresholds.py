@@ -26,13 +26,29 @@ loss belong to the same objective.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from saelab.config import Section, option
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout
 from saelab.sae.base import SAE, EncoderPass, StepContext
 from saelab.sae.sparsity import target_quantiles
+
+
+@dataclass
+class ThresholdConfig(Section):
+    name: ClassVar[str] = "threshold"
+
+    threshold_family: str = option("soft", "Thresholding operator: soft, hard, half, lq or cel0.")
+    threshold_lambda: float = option(
+        0.0, "Penalty weight lambda of the operator; 0: adapted to reach --target-l0.", min=0
+    )
+    threshold_gamma: float = option(0.01, "Step gamma (t = lambda * gamma); CEL0 needs gamma * ||d_i||^2 < 1.", above=0)
+    threshold_q: float = option(0.5, "Exponent q of the lq family (0 < q < 1).", above=0)
+
 
 FAMILIES = ("soft", "hard", "half", "lq", "cel0")
 _NEWTON_MAX_ITERS = 100
@@ -243,7 +259,8 @@ class ThresholdSAE(SAE):
     """
 
     architecture = "threshold"
-    sections = ("threshold",)
+    sections = (ThresholdConfig,)
+    threshold_cfg: ThresholdConfig
     sparsity_coefficient = ("threshold", "threshold_lambda")
     refits_decoder = True
     sparse_code = True  # only entries above the operator's zero region are encoded, decoded and penalised
@@ -259,7 +276,7 @@ class ThresholdSAE(SAE):
         self.b_enc.sub_(target_quantiles(self, x_n))
 
     def validate(self) -> None:
-        opt = self.option("threshold")
+        opt = self.threshold_cfg
         if opt.threshold_family not in FAMILIES:
             raise SaelabError(f"Unknown --threshold-family '{opt.threshold_family}'; use one of {', '.join(FAMILIES)}.")
         if opt.threshold_lambda < 0 or opt.threshold_gamma <= 0:
@@ -273,14 +290,18 @@ class ThresholdSAE(SAE):
             )
 
     def _operator_args(self) -> tuple[str, float, float, float]:
-        opt = self.option("threshold")
+        opt = self.threshold_cfg
         return opt.threshold_family, float(self.sparsity_coef()), opt.threshold_gamma, opt.threshold_q
 
-    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
-        """z [batch, d_sae] -> the entries where op(ReLU(z)) is nonzero: z above the family's zero region."""
-        return SparseLayout.from_mask(z > zero_below(*self._operator_args()))
+    def zero_below(self) -> float:
+        """The pre-activation at or below which every code entry is 0 (unit decoder rows: one value for all)."""
+        return zero_below(*self._operator_args())
 
-    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
+    def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
+        """z [batch, d_sae] -> the entries where op(ReLU(z)) is nonzero: z above the family's zero region."""
+        return SparseLayout.from_mask(z > self.zero_below())
+
+    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext) -> torch.Tensor:
         """a = op(ReLU(z)) at the kept entries [nnz], a >= 0 (same map in training and inference)."""
         return threshold_op(z_at.relu(), *self._operator_args())
 

@@ -32,16 +32,30 @@ keeps adapting through the learning-rate decay: frozen there, k* drifted from 3 
 from __future__ import annotations
 
 import math
-
-import weakref
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 
+from saelab.config import Section, option
 from saelab.errors import SaelabError
-from saelab.kernels import SparseCode, SparseLayout
-from saelab.sae.base import EncoderPass, StepContext
-from saelab.sae.topk import TopKSAE, summed_variance
+from saelab.kernels import SparseLayout
+from saelab.sae.base import INFERENCE, EncoderPass, StepContext
+from saelab.sae.topk import AuxConfig, TopKConfig, TopKSAE, summed_variance
+
+
+@dataclass
+class AFAConfig(Section):
+    name: ClassVar[str] = "afa"
+
+    afa_coef: float = option(
+        1 / 16, "top-AFA: weight of sum (||a|| - ||x - b_dec||)^2 / sum ||x - mean(x)||^2 over the batch.", min=0
+    )
+    afa_norm_scale: float = option(
+        0.0, "top-AFA: k* matches the code norm to this times ||x - b_dec||; 0: adapted so the mean k* is --target-l0.",
+        min=0,
+    )
+
 
 
 class AFASelection(NamedTuple):
@@ -129,11 +143,9 @@ class TopAFASAE(TopKSAE):
     """top-AFA SAE (sections aux, topk, afa). `--k` is not used: k* is chosen per token (see the module
     docstring); AuxK, its dead-latent handling and the normalised MSE come from TopKSAE.
 
-    The selection needs ||x - b_dec|| besides z. `encode_pre` computes it and remembers it together with a weak
-    reference to the z it returned, so the base class's encode / forward (`activate(encode_pre(x_n))`) work
-    unchanged; `activate` refuses a z that did not come from the latest `encode_pre` (no silent stale norms)
-    and `afa_code(z, target_norm)` is the explicit form. Training is a sparse code (`training_selection` reads
-    ||x_n - b_dec|| from the encoder pass), so it runs on the sparse kernels like TopK.
+    The selection needs ||x - b_dec|| besides z, so it reads both from the encoder pass (`select_entries`), in
+    training and at inference; `activate(z)` (z alone) is refused and `afa_code(z, target_norm)` is the explicit
+    form. Training is a sparse code, so it runs on the sparse kernels like TopK.
 
     Differences from the official code (deliberate, shared with this package's TopK): b_enc exists (the
     shared encoder; initialised to 0; the official TopAFASAE has none); pre_enc_bias is configurable (the
@@ -158,7 +170,8 @@ class TopAFASAE(TopKSAE):
     """
 
     architecture = "topafa"
-    sections = ("aux", "topk", "afa")
+    sections = (AuxConfig, TopKConfig, AFAConfig)
+    afa_cfg: AFAConfig
     sparsity_coefficient = ("afa", "afa_norm_scale")
     sparsity_sign = -1  # a larger target norm keeps more latents
 
@@ -166,10 +179,10 @@ class TopAFASAE(TopKSAE):
         return 1.0  # the paper's norm matching, ||a|| ~ ||x - b_dec||
 
     def validate(self) -> None:
-        aux = self.option("aux")
+        aux = self.aux_cfg
         if aux.k_aux < 0 or aux.aux_coef < 0 or aux.dead_tokens <= 0:
             raise SaelabError("--k-aux and --aux-coef must be >= 0 and --dead-tokens > 0.")
-        if self.option("afa").afa_coef < 0:
+        if self.afa_cfg.afa_coef < 0:
             raise SaelabError(f"--afa-coef must be >= 0 (got {self.option('afa').afa_coef}).")
         if self.d_sae < 2:
             raise SaelabError("top-AFA needs d_sae >= 2 (k* ranges over 1 .. d_sae - 1).")
@@ -184,46 +197,25 @@ class TopAFASAE(TopKSAE):
         """Latents ranked per token before falling back to a full sort (afa_k): 4x the target L0, at least 64."""
         return max(64, 4 * math.ceil(self.cfg.target_l0))
 
-    def encode_pre(self, x_n: torch.Tensor) -> torch.Tensor:
-        z = super().encode_pre(x_n)
-        self._pending = (weakref.ref(z), self.target_norm(x_n))
-        return z
-
-    def __getstate__(self) -> dict:
-        """Copies and pickles drop the remembered norm (a weak reference cannot be copied)."""
-        state = dict(self.__dict__)
-        state.pop("_pending", None)
-        return state
-
     def afa_code(self, z: torch.Tensor, target_norm: torch.Tensor) -> AFASelection:
         """z [batch, d_sae], target_norm [batch] -> (code [batch, d_sae], k* [batch])."""
         return afa_select(z.relu(), self.W_dec.detach().norm(dim=1), target_norm, self.rank_cap)
 
-    def _pending_norm(self, z: torch.Tensor) -> torch.Tensor:
-        """||x_n - b_dec|| [batch] remembered by the `encode_pre` call that returned z."""
-        pending = getattr(self, "_pending", None)
-        if pending is None or pending[0]() is not z:
-            raise SaelabError(
-                "top-AFA selection needs ||x - b_dec||: pass the output of sae.encode_pre(x_n) straight to "
-                "activate, or call sae.afa_code(z, sae.target_norm(x_n))."
-            )
-        return pending[1]
+    def activate(self, z: torch.Tensor, ctx: StepContext = INFERENCE) -> torch.Tensor:
+        """Refused: z alone cannot fix k*."""
+        raise SaelabError(
+            "top-AFA's code needs ||x - b_dec|| besides z: use sae.encode(x), sae.encode_normalized(x_n), or "
+            "sae.afa_code(z, sae.target_norm(x_n))."
+        )
 
-    def activate(self, z: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
-        """z [batch, d_sae] -> code [batch, d_sae]; z must be the tensor the latest `encode_pre` returned."""
-        return self.afa_code(z, self._pending_norm(z)).acts
-
-    def sparse_encode(self, z: torch.Tensor, ctx: StepContext | None = None) -> SparseCode:
-        """z [batch, d_sae] (the latest `encode_pre` output) -> each token's top k* latents as a SparseCode."""
-        layout = afa_layout(z.detach().relu(), self.W_dec.detach().norm(dim=1), self._pending_norm(z), self.rank_cap)
-        return SparseCode(layout, self.values_at(z[layout.rows, layout.indices], layout, ctx))
-
-    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+    def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
         """Refused: z alone cannot fix k* (TopKSAE's select would silently use --k)."""
-        raise SaelabError("top-AFA selection needs ||x - b_dec||: use sae.afa_code(z, sae.target_norm(x_n)).")
+        self.activate(z)
 
-    def training_selection(self, encoder: EncoderPass, ctx: StepContext) -> SparseLayout:
-        """Each token's top k* latents, k* matching ||x_n - b_dec|| (afa_k)."""
+    def select_entries(self, encoder: EncoderPass, ctx: StepContext) -> SparseLayout:
+        """Each token's top k* latents, k* matching s * ||x_n - b_dec|| (afa_k)."""
+        if encoder.x_n is None:
+            self.activate(encoder.z)
         u = encoder.z.relu()
         return afa_layout(u, self.W_dec.detach().norm(dim=1), self.target_norm(encoder.x_n), self.rank_cap)
 
@@ -234,5 +226,5 @@ class TopAFASAE(TopKSAE):
         squared_norms = torch.zeros(len(x_n), dtype=code.values.dtype, device=x_n.device)
         code_norms = squared_norms.index_add(0, code.layout.rows, code.values.pow(2)).sqrt()
         gap = code_norms - (x_n - self.b_dec.detach()).norm(dim=-1)
-        terms["afa"] = self.option("afa").afa_coef * gap.pow(2).sum() / summed_variance(x_n, ctx.batch_variance)
+        terms["afa"] = self.afa_cfg.afa_coef * gap.pow(2).sum() / summed_variance(x_n, ctx.batch_variance)
         return terms

@@ -13,12 +13,42 @@ coefficient (aux_coef) is relative to a normalised main loss, as in the OpenAI a
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from saelab.config import Section, option
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout
-from saelab.sae.base import SAE, EncoderPass, StepContext
+from saelab.sae.base import INFERENCE, SAE, EncoderPass, StepContext
+
+
+@dataclass
+class AuxConfig(Section):
+    name: ClassVar[str] = "aux"
+
+    k_aux: int = option(512, "AuxK: top-k_aux dead latents reconstruct the residual; 0 means d_in // 2.", min=0)
+    aux_coef: float = option(1 / 32, "AuxK loss coefficient (OpenAI: 1/32).", min=0)
+    dead_tokens: int = option(
+        1_000_000, "A latent is dead after this many tokens without firing (about 2000x a k/d_sae latent's mean gap).",
+        min=1,
+    )
+
+
+@dataclass
+class TopKConfig(Section):
+    name: ClassVar[str] = "topk"
+
+    rescale_by_decoder_norm: bool = option(
+        True, "Select latents by z_i * ||d_i|| (SAELens), so decoder-norm drift cannot change the selection."
+    )
+    threshold_rate: float = option(
+        0.01,
+        "EMA rate of the inference threshold of batch-level variants (batchtopk, mutual/feature choice), and of "
+        "choice's running firing frequencies.", above=0, max=1,
+    )
+
 
 
 def normalized_mse(
@@ -46,7 +76,9 @@ class TopKSAE(SAE):
     """TopK SAE: code a [batch, d_sae] keeps ReLU(z) at the k best selection scores per token (module docstring)."""
 
     architecture = "topk"
-    sections = ("aux", "topk")
+    sections = (AuxConfig, TopKConfig)
+    aux_cfg: AuxConfig
+    topk_cfg: TopKConfig
     # 5e-4 * (d_sae / 2**14) ** -0.5, 2.5x EleutherAI's long-run rule (2e-4). On SmolLM2 (4608 latents, k 32,
     # batch 4096; this rule gives 9.4e-4 there) lr 1e-3 reached held-out FVU 0.112 / 0.086 / 0.061 after
     # 120 / 244 / 967 steps against 0.166 / 0.113 / 0.074 for 2e-4's rule (3.8e-4), with no dead latents;
@@ -56,27 +88,27 @@ class TopKSAE(SAE):
     def validate(self) -> None:
         if not 0 < self.cfg.k <= self.d_sae:
             raise SaelabError(f"--k must be between 1 and d_sae={self.d_sae} (got {self.cfg.k}).")
-        aux = self.option("aux")
+        aux = self.aux_cfg
         if aux.k_aux < 0 or aux.aux_coef < 0 or aux.dead_tokens <= 0:
             raise SaelabError("--k-aux and --aux-coef must be >= 0 and --dead-tokens > 0.")
 
-    def selection_scores(self, z: torch.Tensor, ctx: StepContext | None) -> torch.Tensor:
+    def selection_scores(self, z: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """[batch, d_sae] scores that pick the active latents: z, or z * ||d_i|| with rescale_by_decoder_norm.
 
         The [batch, d_sae] product is skipped when every ||d_i|| is 1 to within 1e-6, as in training (the rows are
         renormalised after every step).
         """
-        if not self.option("topk").rescale_by_decoder_norm:
+        if not self.topk_cfg.rescale_by_decoder_norm:
             return z
         norms = self.W_dec.detach().norm(dim=1)
         return z if bool((norms - 1).abs().max() <= 1e-6) else z * norms
 
     sparse_code = True
 
-    def select(self, z: torch.Tensor, ctx: StepContext | None) -> SparseLayout:
+    def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
         return topk_layout(self.selection_scores(z, ctx), self.cfg.k)
 
-    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext | None) -> torch.Tensor:
+    def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext) -> torch.Tensor:
         return z_at.relu()
 
     def reconstruction_loss(self, x_n: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -96,11 +128,11 @@ class TopKSAE(SAE):
         n_dead = 0 if dead is None else int(dead.sum())
         if n_dead == 0:
             return x_n.new_zeros(())
-        k_aux = min(k_aux or self.option("aux").k_aux or self.d_in // 2, n_dead)
+        k_aux = min(k_aux or self.aux_cfg.k_aux or self.d_in // 2, n_dead)
         residual = (x_n - x_hat).detach()
         layout = topk_layout(self.aux_scores(encoder.z).masked_fill(~dead, float("-inf")), k_aux)
-        aux_code = SparseCode(layout, self.values_at(encoder.at(layout), layout, None))
+        aux_code = SparseCode(layout, self.values_at(encoder.at(layout), layout, INFERENCE))
         return normalized_mse(residual, encoder.decode(aux_code), batch_variance).nan_to_num(0.0)
 
     def code_losses(self, encoder, x_n, code, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
-        return {"auxk": self.option("aux").aux_coef * self.auxk_loss(encoder, x_n, x_hat, ctx.dead, ctx.batch_variance)}
+        return {"auxk": self.aux_cfg.aux_coef * self.auxk_loss(encoder, x_n, x_hat, ctx.dead, ctx.batch_variance)}

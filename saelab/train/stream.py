@@ -28,9 +28,10 @@ import torch
 
 from saelab.activations import ActivationBatch, ActivationCache, ActivationSource, ShuffleBuffer, build_cache
 from saelab.activations.cache import MANIFEST, read_manifest
-from saelab.config import CacheCommand, CacheConfig, TrainCommand
+from saelab.config import CacheCommand, CacheConfig
 from saelab.data import token_contexts
 from saelab.errors import SaelabError
+from saelab.train.command import TrainCommand
 
 LIVE = "none"
 

@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import io
 import json
-import math
 import re
 import signal
 import time
@@ -39,14 +38,15 @@ from tqdm.auto import tqdm
 
 from saelab.activations import ActivationBatch
 from saelab.activations.cache import write_atomic
-from saelab.config import SAE_SECTIONS, TrainCommand, TrainConfig, to_dict
+from saelab.config import TrainConfig, to_dict
 from saelab.devices import autocast_dtype
 from saelab.errors import Interrupted, SaelabError
 from saelab.locking import FolderLock
 from saelab.sae.base import SAE, StepContext
 from saelab.sae.io import save_sae
 from saelab.sae.refit import refit_decoder
-from saelab.sae.registry import create_sae, sae_class
+from saelab.sae.registry import SAE_SECTIONS, create_sae, sae_class
+from saelab.train.command import TrainCommand
 from saelab.train.distributed import DATA, MODULES, Replica, World, assign_runs, launch, shutdown
 from saelab.train.history import LATENT_HISTORY, LatentRecorder
 from saelab.train.interrupt import StopSignals
@@ -160,7 +160,6 @@ class Run:
         self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=self.sae.W_dec.device)
         self.history = LatentRecorder(self.sae.d_sae, self.sae.W_dec.device)
         self.dead_tokens = spec.sections["aux"].dead_tokens
-        self.needs_grads = self.sae.architecture == "gsae"
         self.autocast = autocast_dtype(spec.train.precision, self.sae.W_dec.device)
 
     @torch.no_grad()
@@ -174,8 +173,7 @@ class Run:
                 f"{len(x)} tokens); nothing was trained or saved. A float16 model can overflow: use --model-dtype "
                 "float32 or bfloat16."
             )
-        if self.sae.cfg.input_norm == "constant":
-            self.sae.input_scale.fill_(math.sqrt(self.sae.d_in) / x.norm(dim=1).mean().clamp_min(1e-12))
+        self.sae.input_norm.fit(x)
         x_n, _ = self.sae.normalize(x)
         self.sae.initialize_from_data(x_n[:32_768])
 
@@ -189,10 +187,8 @@ class Run:
         x = batch.acts[self.spec.hook].to(device).float()  # data parallel: this rank's slice of the batch
         x_n, stats = self.sae.normalize(x)
         grads = None
-        if self.needs_grads and batch.grads is not None:
-            g = batch.grads[self.spec.hook].to(device).float()
-            # chain rule through x_n = c x (constant) or (x - mu) / sigma (layer norm, first order): g_n = g / c or g * sigma
-            grads = g * stats[1] if self.sae.cfg.input_norm == "layernorm" else g / self.sae.input_scale
+        if self.sae.needs_lm_grads and batch.grads is not None:
+            grads = self.sae.input_norm.grads_to_sae(batch.grads[self.spec.hook].to(device).float(), stats)
         warmup = self.sae.sparsity_warmup_fraction() * total
         ctx = StepContext(
             sparsity_scale=min(1.0, step / warmup) if warmup > 0 else 1.0,
@@ -244,18 +240,18 @@ class Run:
         self.sae.metadata["decoder_refit"] = refit_decoder(self.sae, x_n)._asdict()
 
     def resample_due(self, steps_done: int) -> bool:
-        """Neuron resampling (2023 ReLU form) is due after this many steps."""
-        return "l1" in self.sae.options and steps_done in self.sae.option("l1").resample_steps
+        """The variant's resampling of dead latents is due after this many steps (SAE.resample_schedule)."""
+        return steps_done in self.sae.resample_schedule()[0]
 
     @torch.no_grad()
     def resample(self, sample: ActivationBatch, steps_done: int) -> int:
         """Re-initialise latents dead for dead_tokens from a loss-weighted `sample`; returns how many."""
         x_n, _ = self.sae.normalize(sample.acts[self.spec.hook].float())
-        losses = (self.sae.decode(self.sae.activate(self.sae.encode_pre(x_n))) - x_n).pow(2).sum(dim=1)
+        losses = (self.sae.decode(self.sae.encode_normalized(x_n).dense()) - x_n).pow(2).sum(dim=1)
         dead = self.since_fired >= self.dead_tokens
         generator = torch.Generator().manual_seed(steps_done)
-        count = resample_dead_latents(self.sae, self.optimizer, dead, x_n, losses,
-                                      self.sae.option("l1").resample_scale, generator)
+        count = resample_dead_latents(self.sae, self.optimizer, dead, x_n, losses, self.sae.resample_schedule()[1],
+                                      generator)
         self.since_fired[dead] = 0  # give resampled latents a fresh window
         self.history.resampled(steps_done, steps_done * self.spec.train.batch_size, dead.nonzero().squeeze(1))
         return count
@@ -337,7 +333,7 @@ class Trainer:
         if cmd.train.resume and not any(self.out.glob("checkpoint*.pt")):
             raise SaelabError(f"Nothing to resume: {self.checkpoint} does not exist. Drop --resume to start a new run.")
         world.barrier()  # no rank writes a checkpoint before every rank has looked for one
-        need_grads = any(spec.sections["sae"].architecture == "gsae" for spec in specs)
+        need_grads = any(sae_class(spec.sections["sae"].architecture).needs_lm_grads for spec in specs)
         hooks = list(dict.fromkeys(spec.hook for spec in specs))
         part = (world.rank, world.size) if world.mode == DATA else (0, 1)
         self.stream = open_stream(cmd, hooks, need_grads, model=model, progress=self.progress, part=part,
