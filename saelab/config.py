@@ -14,6 +14,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,8 +27,9 @@ from saelab.errors import SaelabError
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, **checks: Any) -> Any:
-    """A dataclass field with CLI help text and the checks its values must pass (see `Section`):
+def option(default: Any, help: str | Callable[[], str], **checks: Any) -> Any:
+    """A dataclass field with CLI help text (or a function returning it, read when the help is shown) and the
+    checks its values must pass (see `Section`):
     choices=(...), min= / max= (inclusive), above= (exclusive), check=callable raising SaelabError. For a list
     option they apply to every element. Lists get a fresh copy per instance."""
     unknown = set(checks) - _CHECKS
@@ -39,6 +41,19 @@ def option(default: Any, help: str, **checks: Any) -> Any:
 
 
 _CHECKS = {"choices", "min", "max", "above", "check"}
+
+
+def help_of(f: dataclasses.Field) -> str:
+    """A config field's help text."""
+    text = f.metadata.get("help", "")
+    return text() if callable(text) else text
+
+
+def _registry():
+    """saelab.sae.registry, imported when first needed (it imports the SAE variants, which import this module)."""
+    from saelab.sae import registry
+
+    return registry
 
 
 def check_folder(value: str) -> None:
@@ -202,7 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser, command_cls: type) -> None:
             seen[f.name] = section
             tp = _unwrap_optional(hints[f.name])
             default = getattr(getattr(defaults, section), f.name)
-            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            help_text = f"{help_of(f)} (default: {default})"
             if tp is bool:
                 group.add_argument(
                     _flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
@@ -276,11 +291,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 @dataclass
 class SAEConfig(Section):
-    architecture: str = option(
-        "topk",
-        "SAE variant: relu (L1), topk, batchtopk, abstopk, jumprelu, gsae, choice (feature/mutual choice), "
-        "topafa, threshold (soft/hard/half/lq/cel0).",
-    )
+    architecture: str = option("topk", lambda: _registry().architecture_help(), check=lambda v: _registry().sae_class(v))
     expansion: int = option(16, "d_sae = expansion x d_in, unless --d-sae is given.", min=1)
     d_sae: int = option(0, "Number of latents; 0 means expansion x d_in.", min=0)
     target_l0: float = option(
@@ -413,7 +424,9 @@ class SAEModelConfig(ModelConfig):
 @dataclass
 class EvalConfig(Section):
     sae: list[str] = option(
-        [], "SAE folders to evaluate in one pass over the text (saelab or SAELens format; one model, any hooks)."
+        [],
+        "SAEs to evaluate in one pass over the text (saelab, SAELens, sparsify, Gemma Scope params.npz, "
+        "dictionary_learning ae.pt, or hf:owner/repo[/subfolder]; one model, any hooks).",
     )
     n_tokens: int = option(
         32_768,
@@ -489,7 +502,7 @@ class EvalCommand:
 @dataclass
 class DarkMatterConfig(Section):
     sae: list[str] = option(
-        [], "SAE folders to analyse in the same passes, all of one hook (saelab or SAELens format)."
+        [], "SAE folders to analyse in the same passes, all of one hook (any format `load_sae` reads)."
     )
     cache: str = option("runs/cache", "Activation cache holding the SAEs' hook; W* is fitted on its first tokens.")
     eval_cache: str = option(
@@ -535,7 +548,9 @@ class DarkMatterCommand:
 
 @dataclass
 class DashboardConfig(Section):
-    sae: str = option("", "SAE folder to build the dashboard for (saelab or SAELens format).")
+    sae: str = option(
+        "", "SAE to build the dashboard for (saelab, SAELens, sparsify, Gemma Scope, dictionary_learning, hf:...)."
+    )
     cache: str = option("runs/cache", "Activation cache holding the SAE's hook; examples come from its tokens.")
     n_features: int = option(0, "Only the first N latents (0: all of them).", min=0)
     features: list[int] = option([], "Only these latent ids, e.g. 3 17 4096 (overrides --n-features).", min=0)
@@ -560,7 +575,7 @@ class DashboardCommand:
 
 @dataclass
 class SteerConfig(Section):
-    sae: str = option("", "SAE folder whose latents steer the model (saelab or SAELens format).")
+    sae: str = option("", "SAE whose latents steer the model (any format `load_sae` reads).")
     feature: list[int] = option([], "Latent id(s) to steer with, e.g. 1234, or 1234 87 (all at once).", min=0)
     alpha: list[float] = option(
         [8.0],

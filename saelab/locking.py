@@ -7,6 +7,7 @@ import fcntl
 from pathlib import Path
 
 from saelab.errors import SaelabError
+from typing import Self
 
 
 class FolderLock:
@@ -33,7 +34,7 @@ class FolderLock:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
 
-    def __enter__(self) -> FolderLock:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

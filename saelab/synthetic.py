@@ -50,11 +50,15 @@ def mmcs(learned: torch.Tensor, true: torch.Tensor, absolute: bool = False) -> f
     return float((cos.abs() if absolute else cos).max(dim=0).values.mean())
 
 
-def fit_planted(sae, data: PlantedDictionary, steps: int, lr: float = 3e-3, batch: int = 512, context=None):
+def fit_planted(
+    sae, data: PlantedDictionary, steps: int, lr: float = 3e-3, batch: int = 512, context=None, on_step=None
+):
     """Train `sae` with Adam + `train_step` on `steps` fresh batches of `data.sample(batch)` [batch, d]; returns it.
 
     context: optional callable (step, x) -> StepContext (sparsity warmup, g-SAE gradients); default StepContext().
-    Runs single-threaded: thousands of tiny matmuls only pay synchronisation overhead for a second thread.
+    on_step: optional callable (step, x, out) called after each step with its train_step output (e.g. to keep the
+    last training code). Runs single-threaded: thousands of tiny matmuls only pay synchronisation overhead for a
+    second thread.
     """
     from saelab.sae.base import StepContext
     from saelab.train.step import train_step
@@ -65,7 +69,9 @@ def fit_planted(sae, data: PlantedDictionary, steps: int, lr: float = 3e-3, batc
     try:
         for step in range(steps):
             x = data.sample(batch)
-            train_step(sae, optimizer, x, context(step, x) if context else StepContext())
+            out = train_step(sae, optimizer, x, context(step, x) if context else StepContext())
+            if on_step is not None:
+                on_step(step, x, out)
     finally:
         torch.set_num_threads(threads)
     return sae

@@ -12,7 +12,7 @@ from saelab.cli import main
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.sae.io import save_sae
-from saelab.sae.registry import SAE_SECTIONS, create_sae
+from saelab.sae.registry import create_sae, sae_sections
 from saelab.train.history import LATENT_HISTORY, LatentRecorder
 
 D_SAE, BATCH, RECORDS, DEAD_TOKENS = 10, 100, 10, 300
@@ -55,7 +55,7 @@ def synthetic_history_file(folder) -> None:
 
 @pytest.fixture
 def run_folder(tmp_path):
-    options = {name: cls() for name, cls in SAE_SECTIONS.items() if name != "sae"}
+    options = {name: cls() for name, cls in sae_sections().items() if name != "sae"}
     sae = perturb(
         create_sae(8, SAEConfig(architecture="topk", d_sae=D_SAE, k=2), options, {"hook": "blocks.0.hook_resid_post"})
     )

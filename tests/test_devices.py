@@ -39,13 +39,15 @@ def test_precision_defaults_per_device_and_rejects_unknown_values():
 
 
 def _train_topk(autocast):
+    from helpers import planted_toy
+
     from saelab.config import SAEConfig
     from saelab.sae.base import StepContext
     from saelab.sae.registry import create_sae
-    from saelab.synthetic import PlantedDictionary, mmcs
+    from saelab.synthetic import mmcs
     from saelab.train.step import train_step
 
-    data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
+    data = planted_toy()
     torch.manual_seed(1)
     sae = create_sae(32, SAEConfig(architecture="topk", d_sae=192, target_l0=3, input_norm="none"))
     sae.initialize_from_data(data.sample(4096))

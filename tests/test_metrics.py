@@ -342,7 +342,7 @@ def test_intervals_are_seeded_and_optional():
 
 @pytest.mark.parametrize("sizes", [[400], [1] * 400, [33] * 12 + [4]])
 def test_intervals_do_not_depend_on_the_batching(sizes):
-    context, x, x_hat, code = _context_data(40)
+    context, x, x_hat, _code = _context_data(40)
     x, _, _ = _plant_outliers(x, [40.0, 9.0], reference_tokens=64, later=[250])
     stats, one_shot = ReconstructionStats(3.0, reference_tokens=64), ReconstructionStats(3.0, reference_tokens=64)
     one_shot.update(x, x_hat, context)

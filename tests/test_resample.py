@@ -1,4 +1,4 @@
-"""Anthropic neuron resampling (algorithms.md §1, test (iv))."""
+"""Anthropic neuron resampling (docs/algorithms.md, section "ReLU-L1", "Neuron resampling")."""
 
 import pytest
 import torch

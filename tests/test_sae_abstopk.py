@@ -1,22 +1,21 @@
-"""AbsTopK SAE (algorithms.md section 3): ||a||_0 = k, oddness, magnitude ordering, signed AuxK, planted
+"""AbsTopK SAE (docs/algorithms.md, "AbsTopK"): ||a||_0 = k, oddness, magnitude ordering, signed AuxK, planted
 recovery on signed data, and one latent per signed direction where ReLU-TopK needs two."""
 
 import pytest
 import torch
-from helpers import assert_encoder_gradient_only_at_selected
+from helpers import assert_encoder_gradient_only_at_selected, fit_toy, planted_toy
 
 from saelab.config import SAEConfig
 from saelab.sae.abstopk import AbsTopKSAE
 from saelab.sae.base import INFERENCE, EncoderPass, StepContext
 from saelab.sae.topk import AuxConfig, TopKConfig, TopKSAE
-from saelab.synthetic import PlantedDictionary, cosine_matrix, fit_planted, mmcs
+from saelab.synthetic import cosine_matrix, mmcs
 
 
 def make(cls=AbsTopKSAE, d_in=32, d_sae=192, k=4, seed=1, k_aux=0, aux_coef=1 / 32, **topk):
     torch.manual_seed(seed)
     cfg = SAEConfig(architecture=cls.architecture, d_sae=d_sae, k=k, input_norm="none")
     return cls(d_in, cfg, {"aux": AuxConfig(k_aux=k_aux, aux_coef=aux_coef), "topk": TopKConfig(**topk)})
-
 
 
 @pytest.mark.parametrize("rescale", [True, False])
@@ -76,18 +75,16 @@ def test_signed_auxk_picks_dead_latents_by_magnitude():
 
 
 def test_planted_signed_dictionary_recovery():
-    data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0, signed=True)
-    sae = fit_planted(make(seed=1), data, steps=600)
+    sae, data = fit_toy(make(seed=1), 600, signed=True)
     assert mmcs(sae.W_dec, data.dictionary, absolute=True) > 0.9  # 0.99 here
 
 
 def test_one_latent_per_signed_direction_where_relu_topk_needs_two():
     """d_sae = n_features on signed codes: AbsTopK covers each +-D_i with one latent; ReLU-TopK cannot."""
-    data_seed = {"d": 32, "n_features": 96, "p_active": 0.03, "seed": 0, "signed": True}
-    D = PlantedDictionary(**data_seed).dictionary
+    D = planted_toy(signed=True).dictionary
     signed_dirs = torch.cat([D, -D])  # the 192 directions the data moves along
-    abstopk = fit_planted(make(AbsTopKSAE, d_sae=96, seed=1), PlantedDictionary(**data_seed), steps=1000)
-    topk = fit_planted(make(TopKSAE, d_sae=96, seed=1), PlantedDictionary(**data_seed), steps=1000)
+    abstopk, _ = fit_toy(make(AbsTopKSAE, d_sae=96, seed=1), 1000, signed=True)
+    topk, _ = fit_toy(make(TopKSAE, d_sae=96, seed=1), 1000, signed=True)
 
     # AbsTopK: latent i with code a covers a * d_i, so +-d_i both count (about 0.95 here)
     abs_coverage = mmcs(torch.cat([abstopk.W_dec, -abstopk.W_dec]), signed_dirs)

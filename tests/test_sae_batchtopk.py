@@ -1,9 +1,9 @@
-"""BatchTopK SAE (algorithms.md section 2): exactly k*B nonzeros in training, running scalar threshold at
+"""BatchTopK SAE (docs/algorithms.md, "BatchTopK"): exactly k*B nonzeros in training, running scalar threshold at
 inference (L0 ~ k on held-out data), AuxK as TopK, fold/save invariance, planted-dictionary recovery."""
 
 import pytest
 import torch
-from helpers import assert_encoder_gradient_only_at_selected
+from helpers import assert_encoder_gradient_only_at_selected, fit_toy
 
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
@@ -11,9 +11,8 @@ from saelab.kernels import SparseCode
 from saelab.sae import io as sae_io
 from saelab.sae.base import StepContext
 from saelab.sae.batchtopk import BatchTopKSAE, batch_topk_layout, ema_threshold_
-from saelab.sae.registry import ARCHITECTURES
 from saelab.sae.topk import AuxConfig, TopKConfig
-from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
+from saelab.synthetic import mmcs
 from saelab.train.step import train_step
 
 
@@ -21,7 +20,6 @@ def make(d_in=32, d_sae=192, k=4, seed=1, aux_coef=1 / 32, input_norm="none", **
     torch.manual_seed(seed)
     cfg = SAEConfig(architecture="batchtopk", d_sae=d_sae, k=k, input_norm=input_norm)
     return BatchTopKSAE(d_in, cfg, {"aux": AuxConfig(aux_coef=aux_coef), "topk": TopKConfig(**topk)})
-
 
 
 def test_training_code_has_exactly_k_times_batch_nonzeros():
@@ -127,8 +125,7 @@ def test_invalid_threshold_rate():
         make(threshold_rate=0.0)
 
 
-def test_save_load_with_folded_input_scale_keeps_codes(tmp_path, monkeypatch):
-    monkeypatch.setitem(ARCHITECTURES, "batchtopk", BatchTopKSAE)
+def test_save_load_with_folded_input_scale_keeps_codes(tmp_path):
     sae = make(input_norm="constant")
     with torch.no_grad():
         sae.input_scale.fill_(2.5)
@@ -146,8 +143,7 @@ def test_save_load_with_folded_input_scale_keeps_codes(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained():
-    data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
-    return fit_planted(make(seed=1), data, steps=2000), data
+    return fit_toy(make(seed=1), 2000)
 
 
 def test_planted_dictionary_recovery(trained):

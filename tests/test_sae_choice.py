@@ -1,8 +1,10 @@
-"""Feature Choice / Mutual Choice SAEs (algorithms.md section 6): mutual choice = BatchTopK, feature choice
-column budgets (equal or Zipf), per-latent / global inference thresholds, aux_zipf, planted recovery."""
+"""Feature Choice / Mutual Choice SAEs (docs/algorithms.md, "Feature and mutual choice"): mutual choice =
+BatchTopK, feature choice column budgets (equal or Zipf), per-latent / global inference thresholds, aux_zipf,
+planted recovery."""
 
 import pytest
 import torch
+from helpers import fit_toy
 
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
@@ -11,9 +13,8 @@ from saelab.sae import io as sae_io
 from saelab.sae.base import EncoderPass, StepContext
 from saelab.sae.batchtopk import BatchTopKSAE
 from saelab.sae.choice import ChoiceConfig, ChoiceSAE, feature_choice_layout, zipf_capacities, zipf_weights
-from saelab.sae.registry import ARCHITECTURES
 from saelab.sae.topk import AuxConfig, TopKConfig
-from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
+from saelab.synthetic import mmcs
 
 
 def make(mode="mutual", d_in=32, d_sae=192, k=4, seed=1, aux=None, topk=None, **choice):
@@ -25,7 +26,6 @@ def make(mode="mutual", d_in=32, d_sae=192, k=4, seed=1, aux=None, topk=None, **
         "choice": ChoiceConfig(choice_mode=mode, **choice),
     }
     return ChoiceSAE(d_in, cfg, options)
-
 
 
 # -- mutual choice ----------------------------------------------------------------------------------
@@ -191,8 +191,7 @@ def test_validation():
         make("feature", zipf_alpha=-1.0)
 
 
-def test_feature_mode_save_load_roundtrip(tmp_path, monkeypatch):
-    monkeypatch.setitem(ARCHITECTURES, "choice", ChoiceSAE)
+def test_feature_mode_save_load_roundtrip(tmp_path):
     sae = make("feature", d_sae=32)
     x = torch.randn(128, 32)
     z = sae.encode_pre(x)
@@ -207,8 +206,7 @@ def test_feature_mode_save_load_roundtrip(tmp_path, monkeypatch):
 # -- planted-dictionary recovery -------------------------------------------------------------------------
 @pytest.mark.parametrize("mode,steps", [("mutual", 1000), ("feature", 800)])
 def test_planted_dictionary_recovery(mode, steps):
-    data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
-    sae = fit_planted(make(mode, seed=1), data, steps=steps)
+    sae, data = fit_toy(make(mode, seed=1), steps)
     assert mmcs(sae.W_dec, data.dictionary) > 0.9  # mutual ~0.97, feature ~0.99 here
     with torch.no_grad():
         l0 = (sae.encode(data.sample(4096)) != 0).sum(dim=1).float().mean()

@@ -6,18 +6,21 @@
 Plus: on signed codes AbsTopK uses one latent per true feature where TopK needs two.
 """
 
+import argparse
 import copy
 
 import pytest
 import torch
 from helpers import perturb
+from toy_variant import ToyConfig, ToyTopKSAE
 
-from saelab.config import SAEConfig
+from saelab.config import SAEConfig, add_arguments, from_args
 from saelab.errors import SaelabError
 from saelab.sae import ARCHITECTURES, StepContext, create_sae, load_sae, save_sae
-from saelab.sae.registry import SAE_SECTIONS
+from saelab.sae.registry import architecture_help, sae_sections
 from saelab.sae.thresholds import ThresholdConfig
 from saelab.synthetic import PlantedDictionary, cosine_matrix, mmcs, train_planted
+from saelab.train.command import train_command_class
 
 # Every architecture, and every threshold family (each sets its L0 differently).
 VARIANTS = [(name, {}) for name in ARCHITECTURES if name != "threshold"] + [
@@ -34,14 +37,19 @@ def make(name: str, options: dict, d_in: int, d_sae: int, target_l0: float, seed
     return create_sae(d_in, SAEConfig(architecture=name, d_sae=d_sae, target_l0=target_l0), options)
 
 
+def build_parser_for(command: type) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, command)
+    return parser
+
+
 def lm_gradient(x: torch.Tensor) -> torch.Tensor:
     """A stand-in for d(LM loss)/dx for g-SAE: a fixed function of x, small next to x."""
     return 0.1 * torch.tanh(x.flip(-1))
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"d{s[0]}-l0{s[2]}")
-@pytest.mark.parametrize(("name", "options"), VARIANTS, ids=IDS)
-def test_defaults_reach_the_target_and_recover_a_planted_dictionary(name, options, shape):
+def check_planted_recovery(name: str, options: dict, shape: tuple) -> None:
+    """From its defaults plus --target-l0 = the true L0, `name` recovers a planted dictionary of `shape`."""
     d_in, n_features, true_l0, d_sae, steps, seed = shape
     data = PlantedDictionary(d_in, n_features, true_l0 / n_features, seed=seed)
     sae = make(name, options, d_in, d_sae, true_l0, seed)
@@ -68,8 +76,14 @@ def test_abstopk_uses_one_latent_per_signed_feature_where_topk_needs_two():
     assert matched["topk"].mean() >= 1.5  # +d and -d each need their own non-negative latent
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"d{s[0]}-l0{s[2]}")
 @pytest.mark.parametrize(("name", "options"), VARIANTS, ids=IDS)
-def test_save_load_and_fold_preserve_the_forward_map(name, options, tmp_path):
+def test_defaults_reach_the_target_and_recover_a_planted_dictionary(name, options, shape):
+    check_planted_recovery(name, options, shape)
+
+
+def check_round_trip(name: str, options: dict, folder) -> None:
+    """save/load keeps the forward map and the code; fold() keeps the forward map."""
     sae = perturb(make(name, options, 16, 64, 4, seed=0))
     sae.input_scale.fill_(1.7)
     x = 3 * torch.randn(256, 16)
@@ -80,19 +94,21 @@ def test_save_load_and_fold_preserve_the_forward_map(name, options, tmp_path):
             out = sae.training_loss(sae.normalize(x)[0], StepContext())
             sae.update_inference_state(out.code)
         expected, code = sae(x), sae.encode(x)
-    loaded = load_sae(save_sae(sae, tmp_path / name))
+    loaded = load_sae(save_sae(sae, folder))
+    assert loaded.options == copy.deepcopy(sae).fold().options  # the options, the sparsity coefficient fixed
     torch.testing.assert_close(loaded(x), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loaded.encode(x), code, atol=1e-4, rtol=1e-4)  # one rule: a saved code is the trained one
     folded = copy.deepcopy(sae).fold()
     torch.testing.assert_close(folded(x), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels under SAELAB_KERNELS=auto)"))])
-@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("name", "options"), VARIANTS, ids=IDS)
-def test_sparse_and_dense_backward_agree(name, options, autocast, device):
-    """Also under bf16 autocast (--precision bf16): both paths see the same bf16 pre-activations, so they pick the
+def test_save_load_and_fold_preserve_the_forward_map(name, options, tmp_path):
+    check_round_trip(name, options, tmp_path / name)
+
+
+def check_backward(name: str, options: dict, autocast, device: str) -> None:
+    """The sparse-kernel backward equals the dense one. Also under bf16 autocast (--precision bf16): both paths see the same bf16 pre-activations, so they pick the
     same entries; the dense fallback's decoder matmul also runs in bf16, so they differ by bf16 rounding (2^-7).
     On CUDA the sparse path is the Triton kernels'."""
     x = torch.randn(128, 16, generator=torch.Generator().manual_seed(3)).to(device)
@@ -109,9 +125,29 @@ def test_sparse_and_dense_backward_agree(name, options, autocast, device):
         torch.testing.assert_close(sparse_grad, dense_grad, **tolerance)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels under SAELAB_KERNELS=auto)"))])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("name", "options"), VARIANTS, ids=IDS)
+def test_sparse_and_dense_backward_agree(name, options, autocast, device):
+    check_backward(name, options, autocast, device)
+
+
+def test_a_variant_in_one_file_and_one_registry_line_gets_the_contract_and_the_options(monkeypatch, tmp_path):
+    monkeypatch.setitem(ARCHITECTURES, "toy", ToyTopKSAE)  # the registry line
+    command = train_command_class()
+    parsed = from_args(command, build_parser_for(command).parse_args(["--architecture", "toy", "--toy-shift", "0.01"]))
+    assert parsed.sae.architecture == "toy" and parsed.toy == ToyConfig(toy_shift=0.01)
+    assert "toy (a toy top-k)" in architecture_help()
+    options = {"toy": ToyConfig(toy_shift=0.01)}
+    check_round_trip("toy", options, tmp_path / "toy")
+    check_backward("toy", options, None, "cpu")
+    check_planted_recovery("toy", options, SHAPES[0])
+
+
 def test_every_section_default_builds_every_architecture():
     for name in ARCHITECTURES:
-        sae = create_sae(8, SAEConfig(architecture=name, d_sae=32, target_l0=4), {s: c() for s, c in SAE_SECTIONS.items()})
+        sae = create_sae(8, SAEConfig(architecture=name, d_sae=32, target_l0=4), {s: c() for s, c in sae_sections().items()})
         assert sae.cfg.k == 4
 
 

@@ -1,16 +1,16 @@
-"""g-SAE (algorithms.md section 5): exactly TopK with beta = 0, g = 0 or no gradients; gradient-weighted
+"""g-SAE (docs/algorithms.md, "g-SAE"): exactly TopK with beta = 0, g = 0 or no gradients; gradient-weighted
 selection displaces a larger-z latent; planted recovery with synthetic gradients."""
 
 import pytest
 import torch
+from helpers import fit_toy
 
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.sae.base import StepContext
 from saelab.sae.gsae import GradientSAE, GSAEConfig
 from saelab.sae.topk import AuxConfig, TopKConfig, TopKSAE
-from saelab.synthetic import PlantedDictionary, mmcs
-from saelab.train.step import train_step
+from saelab.synthetic import mmcs
 
 
 def make(cls=GradientSAE, d_in=32, d_sae=192, k=4, beta=1.0, seed=1, **topk):
@@ -104,21 +104,19 @@ def test_bad_gradients_and_beta():
 
 
 def test_planted_recovery_with_synthetic_gradients():
-    data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
     readout = torch.randn(32, 8, generator=torch.Generator().manual_seed(5)) / 32**0.5
     sae = make(seed=1, beta=1.0)
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     changed = 0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for step in range(1000):
-            x = data.sample(512)
-            out = train_step(sae, opt, x, StepContext(grads=readout_grads(x, readout)))
-            if step % 100 == 0:
-                with torch.no_grad():
-                    changed += int(((out.code.dense() != 0) != (TopKSAE.activate(sae, sae.encode_pre(x)) != 0)).any())
-    finally:
-        torch.set_num_threads(threads)
+
+    def compare_with_topk(step, x, out):
+        nonlocal changed
+        if step % 100 == 0:
+            with torch.no_grad():
+                changed += int(((out.code.dense() != 0) != (TopKSAE.activate(sae, sae.encode_pre(x)) != 0)).any())
+
+    def with_grads(step, x):
+        return StepContext(grads=readout_grads(x, readout))
+
+    _, data = fit_toy(sae, 1000, context=with_grads, on_step=compare_with_topk)
     assert changed > 0  # the gradients did steer the selection during training
     assert mmcs(sae.W_dec, data.dictionary) > 0.9  # 0.99 here

@@ -1,20 +1,20 @@
-"""JumpReLU SAE (algorithms.md §4): STE density estimates, exact forward, loss modes, folding, save/load, recovery."""
+"""JumpReLU SAE (docs/algorithms.md, "JumpReLU"): STE density estimates, exact forward, loss modes, folding,
+save/load, recovery."""
 
 import dataclasses
 import math
 
 import pytest
 import torch
-from helpers import perturb
+from helpers import perturb, planted_toy, sparsity_warmup, toy_sae
 
-import saelab.sae.registry
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode
 from saelab.sae.base import EncoderPass, StepContext
 from saelab.sae.io import load_sae, save_sae
 from saelab.sae.jumprelu import JumpReLUConfig, JumpReLUSAE, jumprelu, step
-from saelab.synthetic import PlantedDictionary, mmcs
+from saelab.synthetic import fit_planted, mmcs
 from saelab.train.step import train_step
 
 
@@ -28,8 +28,6 @@ def make(d_in=8, d_sae=24, seed=0, sae_kw=None, **opts):
     # target_l0 = d_in: lambda = l0_coef * d_in / target_l0 is then l0_coef itself
     cfg = SAEConfig(architecture="jumprelu", d_sae=d_sae, **{"target_l0": d_in, **(sae_kw or {})})
     return JumpReLUSAE(d_in, cfg, {"jumprelu": JumpReLUConfig(**opts)})
-
-
 
 
 N_DENSITY = 1 << 22  # 4M samples: std of the rectangle-STE estimate ~ sqrt(phi / (eps N)) = 0.003 at eps = 0.01
@@ -193,8 +191,7 @@ def test_fold_keeps_forward_code_and_thresholds(input_norm):
     torch.testing.assert_close(sae.encode(x), code, atol=1e-5, rtol=1e-5)
 
 
-def test_thresholds_survive_save_load(tmp_path, monkeypatch):
-    monkeypatch.setitem(saelab.sae.registry.ARCHITECTURES, "jumprelu", JumpReLUSAE)
+def test_thresholds_survive_save_load(tmp_path):
     sae = perturb(make(theta_init=0.02, bandwidth=0.05, sparsity_mode="tanh"))
     x = torch.randn(64, 8)
     loaded = load_sae(save_sae(sae, tmp_path / "jr"))
@@ -224,15 +221,11 @@ def test_bad_options_raise_saelab_error(options, message):
 
 def test_planted_dictionary_recovery(one_thread):
     """Hand-set (no controller): step mode, lambda = 0.03, theta0 = 0.1, eps = 0.05 (inputs have E||x||^2 ~ 1), Adam lr 2e-3, 2000 steps."""
-    data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
-    torch.manual_seed(1)  # SAE init differs from the data seed
-    cfg = SAEConfig(architecture="jumprelu", d_sae=192, input_norm="none")
-    sae = JumpReLUSAE(32, cfg, {"jumprelu": JumpReLUConfig(l0_coef=0.03, theta_init=0.1, bandwidth=0.05, threshold_scale=1.0)})
+    options = {"jumprelu": JumpReLUConfig(l0_coef=0.03, theta_init=0.1, bandwidth=0.05, threshold_scale=1.0)}
+    sae = toy_sae(JumpReLUSAE, options)
+    data = planted_toy()
     assert mmcs(sae.W_dec, data.dictionary) < 0.6
-    opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
-    steps = 2000
-    for i in range(steps):
-        train_step(sae, opt, data.sample(512), StepContext(sparsity_scale=min(1.0, i / (0.1 * steps))))
+    fit_planted(sae, data, 2000, lr=2e-3, context=sparsity_warmup(2000))
     assert mmcs(sae.W_dec, data.dictionary) > 0.9
     l0 = float((sae.encode(data.sample(2048)) != 0).float().sum(dim=1).mean())
     assert abs(l0 - 2.88) < 0.3 * 2.88  # ~2.2; the true L0 is 96 * 0.03 = 2.88

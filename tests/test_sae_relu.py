@@ -1,19 +1,18 @@
-"""ReLU + L1 SAE (algorithms.md §1): both forms, folding, the projected step, b_dec init, recovery."""
+"""ReLU + L1 SAE (docs/algorithms.md, "ReLU-L1"): both forms, folding, the projected step, b_dec init, recovery."""
 
 import itertools
 
 import pytest
 import torch
-from helpers import perturb
+from helpers import perturb, planted_toy, sparsity_warmup, toy_sae
 
-import saelab.sae.registry
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.sae.base import StepContext
 from saelab.sae.geometric_median import geometric_median
 from saelab.sae.io import load_sae, save_sae
 from saelab.sae.relu import L1Config, ReLUSAE
-from saelab.synthetic import PlantedDictionary, mmcs
+from saelab.synthetic import fit_planted, mmcs
 from saelab.train.step import train_step
 
 
@@ -21,8 +20,6 @@ def make(d_in=8, d_sae=24, seed=0, sae_kw=None, **l1):
     torch.manual_seed(seed)
     cfg = SAEConfig(architecture="relu", d_sae=d_sae, **(sae_kw or {}))
     return ReLUSAE(d_in, cfg, {"l1": L1Config(**l1)})
-
-
 
 
 def test_init_weighted_form():
@@ -161,8 +158,7 @@ def test_defaults_learning_rate_and_warmup():
     assert ReLUSAE.architecture == "relu" and ReLUSAE.sections == (L1Config,)
 
 
-def test_save_load_round_trip(tmp_path, monkeypatch):
-    monkeypatch.setitem(saelab.sae.registry.ARCHITECTURES, "relu", ReLUSAE)
+def test_save_load_round_trip(tmp_path):
     sae = perturb(make(decoder_norm="weighted", l1_coef=0.7))
     x = torch.randn(32, 8)
     loaded = load_sae(save_sae(sae, tmp_path / "relu"))
@@ -175,14 +171,10 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
 @pytest.mark.parametrize("form, steps", [("weighted", 1500), ("unit", 2500)])
 def test_planted_dictionary_recovery(form, steps, one_thread):
     """lambda = 0.3 (sum-MSE, inputs with E||x||^2 ~ 1), Adam lr 1e-3, 10% lambda warmup."""
-    data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
-    torch.manual_seed(1)  # SAE init differs from the data seed
-    cfg = SAEConfig(architecture="relu", d_sae=192, input_norm="none")
-    sae = ReLUSAE(32, cfg, {"l1": L1Config(l1_coef=0.3, decoder_norm=form)})
+    sae = toy_sae(ReLUSAE, {"l1": L1Config(l1_coef=0.3, decoder_norm=form)})
+    data = planted_toy()
     assert mmcs(sae.W_dec, data.dictionary) < 0.6  # a random init is far from the answer
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    for step in range(steps):
-        train_step(sae, opt, data.sample(512), StepContext(sparsity_scale=min(1.0, step / (0.1 * steps))))
+    fit_planted(sae, data, steps, lr=1e-3, context=sparsity_warmup(steps))
     assert mmcs(sae.W_dec, data.dictionary) > 0.9
     x = data.sample(2048)
     l0 = float((sae.encode(x) > 0).float().sum(dim=1).mean())

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import fit_toy
 
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
@@ -200,9 +201,8 @@ def test_chunked_coherence_matches_the_full_gram_matrix():
 @pytest.fixture(scope="module")
 def planted_topafa():
     """top-AFA trained as the recovery tests of the other variants: d=32, 96 features, d_sae=192."""
-    data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
     torch.manual_seed(1)  # not the data seed: the init must not be the dictionary
-    return fit_planted(_sae(d_in=32, d_sae=192), data, steps=800, lr=1e-3), data
+    return fit_toy(_sae(d_in=32, d_sae=192), 800, lr=1e-3)
 
 
 def test_topafa_on_planted_data_reconstructs_with_norm_matched_codes(planted_topafa):

@@ -1,21 +1,20 @@
-"""TopK SAE invariants (algorithms.md section 2): exact k per row, gradient routing, AuxK, tied init, FVU,
+"""TopK SAE invariants (docs/algorithms.md, "TopK"): exact k per row, gradient routing, AuxK, tied init, FVU,
 and planted-dictionary recovery."""
 
 import pytest
 import torch
-from helpers import assert_encoder_gradient_only_at_selected
+from helpers import assert_encoder_gradient_only_at_selected, fit_toy
 
 from saelab.config import SAEConfig
 from saelab.sae.base import INFERENCE, EncoderPass, StepContext
 from saelab.sae.topk import AuxConfig, TopKConfig, TopKSAE, normalized_mse
-from saelab.synthetic import PlantedDictionary, fit_planted, mmcs
+from saelab.synthetic import mmcs
 
 
 def make(d_in=32, d_sae=192, k=4, aux_coef=1 / 32, k_aux=0, seed=1, **topk):
     torch.manual_seed(seed)
     cfg = SAEConfig(architecture="topk", d_sae=d_sae, k=k, input_norm="none")
     return TopKSAE(d_in, cfg, {"aux": AuxConfig(aux_coef=aux_coef, k_aux=k_aux), "topk": TopKConfig(**topk)})
-
 
 
 def test_exactly_k_nonzeros_per_row():
@@ -99,8 +98,7 @@ def test_fvu_is_zero_when_true_l0_at_most_k():
 
 @pytest.fixture(scope="module")
 def trained():
-    data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
-    return fit_planted(make(seed=1), data, steps=1000), data
+    return fit_toy(make(seed=1), 1000)
 
 
 def test_planted_dictionary_recovery(trained):

@@ -35,14 +35,8 @@ CASES = {
 }
 
 
-def needs(architecture):
-    return pytest.mark.skipif(
-        architecture not in ARCHITECTURES, reason=f"saelab architecture '{architecture}' is not registered yet"
-    )
-
-
 def fixture_params():
-    return [pytest.param(name, arch, atol, marks=needs(arch), id=name) for name, (arch, atol) in CASES.items()]
+    return [pytest.param(name, arch, atol, id=name) for name, (arch, atol) in CASES.items()]
 
 
 def io(name):
@@ -103,7 +97,6 @@ def test_fixtures_exercise_the_conventions():
     assert torch.all(thresholds == thresholds[0])
 
 
-@needs("topk")
 def test_topk_rescale_is_folded_into_the_weights():
     sae = load_saelens(FIXTURES / "topk")
     raw = weights("topk")
@@ -116,7 +109,6 @@ def test_topk_rescale_is_folded_into_the_weights():
     assert load_saelens(FIXTURES / "topk_plain").cfg.pre_enc_bias is False
 
 
-@needs("jumprelu")
 def test_jumprelu_threshold_maps_to_log_threshold():
     sae = load_saelens(FIXTURES / "jumprelu")
     t = weights("jumprelu")["threshold"]
@@ -124,7 +116,6 @@ def test_jumprelu_threshold_maps_to_log_threshold():
     assert torch.isneginf(sae.log_threshold[t <= 0]).all()
 
 
-@needs("batchtopk")
 def test_batchtopk_saves_load_as_batchtopk_with_the_scalar_threshold():
     for name in ("batchtopk", "batchtopk_checkpoint"):
         sae = load_saelens(FIXTURES / name)
@@ -132,7 +123,6 @@ def test_batchtopk_saves_load_as_batchtopk_with_the_scalar_threshold():
         assert sae.cfg.k == 4
 
 
-@needs("topk")
 def test_pre_6_config_is_upgraded(tmp_path):
     folder = tmp_path / "old"
     shutil.copytree(FIXTURES / "topk_plain", folder)
@@ -255,9 +245,7 @@ NATIVE = [
 ]
 
 
-@pytest.mark.parametrize(
-    "arch,kw", [pytest.param(a, kw, marks=needs(a), id=f"{a}-{i}") for i, (a, kw) in enumerate(NATIVE)]
-)
+@pytest.mark.parametrize("arch,kw", [pytest.param(a, kw, id=f"{a}-{i}") for i, (a, kw) in enumerate(NATIVE)])
 def test_saelab_sae_survives_the_trip_through_saelens_format(tmp_path, arch, kw):
     sae = make(arch, **dict(kw))
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5)) * 0.6 + 0.2
@@ -288,7 +276,6 @@ def test_saelab_sae_survives_the_trip_through_saelens_format(tmp_path, arch, kw)
         assert back.architecture == "batchtopk" and config["metadata"]["training_architecture"] == "batchtopk"
 
 
-@needs("topk")
 def test_writes_hook_z_reshaping_and_keeps_the_original_untouched(tmp_path):
     sae = make("topk")
     sae.metadata["hook"] = "blocks.0.attn.hook_z"
@@ -309,7 +296,6 @@ def test_unrepresentable_architectures_are_refused(tmp_path, arch, family):
     assert not (tmp_path / "x").exists()
 
 
-@needs("topk")
 def test_saelab_folder_is_not_mistaken_for_saelens(tmp_path):
     sae = make("topk")
     save_sae(sae, tmp_path / "native")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import planted_toy, toy_sae
 
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
@@ -24,8 +25,7 @@ from saelab.sae.thresholds import (
     threshold_op,
     threshold_penalty,
 )
-from saelab.synthetic import PlantedDictionary, mmcs
-from saelab.train.step import train_step
+from saelab.synthetic import fit_planted, mmcs
 
 T = 0.4  # t = lambda * gamma for the t-parameterised families
 LAM, GAMMA = 0.5, 0.5  # CEL0
@@ -204,14 +204,11 @@ def test_threshold_sae_rejects_bad_options():
     ],
 )
 def test_threshold_sae_recovers_a_planted_dictionary(one_thread, family, lam, gamma):
-    data = PlantedDictionary(d=32, n_features=96, p_active=0.03, seed=0)
-    torch.manual_seed(1)  # not the data seed: the init must not be the dictionary
-    cfg = SAEConfig(architecture="threshold", d_sae=192, input_norm="none")
     options = {"threshold": ThresholdConfig(threshold_family=family, threshold_lambda=lam, threshold_gamma=gamma)}
-    sae = ThresholdSAE(32, cfg, options)
+    sae = toy_sae(ThresholdSAE, options)
+    data = planted_toy()
     assert mmcs(sae.W_dec, data.dictionary) < 0.6
-    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    for _ in range(1000):
-        out = train_step(sae, optimizer, data.sample(512), StepContext())
+    last = {}
+    fit_planted(sae, data, 1000, on_step=lambda step, x, out: last.update(out=out))
     assert mmcs(sae.W_dec, data.dictionary) > 0.9
-    assert float((out.code.dense() > 0).float().sum(-1).mean()) < 8  # sparse: the true L0 is 2.9
+    assert float((last["out"].code.dense() > 0).float().sum(-1).mean()) < 8  # sparse: the true L0 is 2.9

@@ -2,7 +2,7 @@
 
 Every sum is accumulated per context in float64 on the CPU, so the result does not depend on how the tokens were
 batched (up to float64 rounding), and each metric gets a bootstrap interval over contexts from the per-context sums
-alone. Conventions (algorithms doc §9):
+alone. Conventions:
 
 - FVU is global: the sum of squared errors over the evaluation tokens divided by the sum of squared deviations
   from their mean (not a mean of per-batch or per-token ratios). The per-token normalised MSE,

@@ -1,22 +1,15 @@
 """AbsTopK SAE (Zhu, Khalili & Zhu 2025, arXiv 2510.00404): top-k by magnitude, signs kept.
 
-It is one proximal-gradient step of sparse coding under the constraint ||a||_0 <= k *without* a >= 0:
+a_ti = z_ti at the k largest |z_ti| of each token (no ReLU), so one latent stands for a direction and its opposite;
+codes are signed (statistics count a != 0). Loss: normalised MSE + aux_coef * signed AuxK.
 
-    S   = indices of the k largest |s_ti|,  s_ti = z_ti * ||d_i||  (rescale_by_decoder_norm)  or  z_ti
-    a_ti = z_ti on S (no ReLU; negative codes allowed), 0 elsewhere          a: [batch, d_sae]
-    x_hat = a @ W_dec + b_dec
-
-so one latent can stand for a direction and its opposite (TopK needs two antipodal latents for that).
-Gradients reach the k selected entries (their value is z itself). Codes are signed: statistics must count
-a != 0 (`signed = True`), and negative steering coefficients are meaningful.
-
-Loss: normalised MSE + aux_coef * AuxK, with AuxK choosing the k_aux dead latents of largest |z| and
-keeping their signed z (the signed analogue of TopK's AuxK).
+Math, defaults and choices: docs/algorithms.md, section "AbsTopK".
 """
 
 from __future__ import annotations
 
 import torch
+from typing_extensions import override
 
 from saelab.kernels import SparseLayout
 from saelab.sae.base import StepContext
@@ -27,16 +20,21 @@ class AbsTopKSAE(TopKSAE):
     """Signed top-k SAE: keep the k pre-activations of largest magnitude per token, with their sign."""
 
     architecture = "abstopk"
+    summary = "the k largest |z| per token, signed"
+    inference_form = "abstopk"
     signed = True
 
+    @override
     def selection_scores(self, z: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """[batch, d_sae] |z| (times ||d_i|| when rescale_by_decoder_norm)."""
         return super().selection_scores(z, ctx).abs()
 
+    @override
     def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext) -> torch.Tensor:
         """The kept pre-activations themselves, signs included."""
         return z_at
 
+    @override
     def aux_scores(self, z: torch.Tensor) -> torch.Tensor:
         """Signed AuxK ranks dead latents by |z| (and keeps their signed z)."""
         return z.abs()

@@ -71,6 +71,21 @@ class StepContext(NamedTuple):
 INFERENCE = StepContext(training=False)
 
 
+class Encoding(NamedTuple):
+    """An inference encoding of raw activations [..., d_in], flattened to [batch, d_in]."""
+
+    code: SparseCode  # the code over [batch, d_sae] (CSR)
+    x_n: torch.Tensor  # [batch, d_in] the input in the SAE's normalised space
+    stats: TokenStats | None  # what `denormalize` needs (layer norm's per-token mean and std)
+
+
+class Reconstruction(NamedTuple):
+    """An inference reconstruction of raw activations [..., d_in], flattened to [batch, d_in]."""
+
+    x_hat: torch.Tensor  # [batch, d_in] raw reconstruction
+    code: SparseCode  # the code over [batch, d_sae] it was decoded from
+
+
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # scalar to minimise
     terms: dict[str, torch.Tensor]  # named scalar parts (detached), e.g. {"mse": ..., "auxk": ...}
@@ -138,6 +153,7 @@ class SAE(nn.Module):
     sparsity_loss (dense variants); see the module docstring."""
 
     architecture: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # a few words for --architecture's help
     # config sections (besides `sae`) this variant reads; section `name` is the attribute `<name>_cfg`
     sections: ClassVar[tuple[type[Section], ...]] = ()
     unit_norm_decoder: ClassVar[bool] = True  # keep decoder rows at unit norm during training
@@ -153,6 +169,10 @@ class SAE(nn.Module):
     sparsity_coefficient: ClassVar[tuple[str, str] | None] = None
     sparsity_sign: ClassVar[int] = 1  # +1: a larger coefficient gives a sparser code; -1: a denser one
     needs_lm_grads: ClassVar[bool] = False  # training reads d(LM loss)/dx at its hook (ctx.grads; g-SAE)
+    # The code at inference, for exporters (saelab.sae.saelens): "relu" (ReLU(x_in W_enc + relu_encoder_bias())),
+    # "topk" / "abstopk" (per token, the cfg.k entries of largest z / |z|), "jump" (z 1[z > jump_threshold()]), or
+    # None (none of these).
+    inference_form: ClassVar[str | None] = None
 
     def __init__(self, d_in: int, cfg: SAEConfig, options: dict[str, Any] | None = None, metadata: dict | None = None):
         super().__init__()
@@ -247,7 +267,35 @@ class SAE(nn.Module):
         the mean alive one); no steps by default (saelab.train.resample)."""
         return (), 0.0
 
-    # -- the map -----------------------------------------------------------------------------------
+    # -- the map: what users call (inference) ------------------------------------------------------
+    # encode (dense code), encode_code (sparse code + its context), reconstruct / forward (the reconstruction),
+    # decode_code (a code back to the normalised space); training's entry point is training_loss.
+    def encode_code(self, x: torch.Tensor) -> Encoding:
+        """Raw activations [..., d_in] -> Encoding (the code over [batch, d_sae] as CSR, x_n, stats), the leading
+        dims flattened. The inference entry point for evaluation and dashboards: the code stays sparse."""
+        x_n, stats = self.normalize(x.reshape(-1, self.d_in))
+        return Encoding(self.encode_normalized(x_n), x_n, stats)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations [..., d_in] -> dense code [..., d_sae] (inference)."""
+        code, _, _ = self.encode_code(x)
+        return code.dense().reshape(*x.shape[:-1], self.d_sae)
+
+    def reconstruct(self, x: torch.Tensor) -> Reconstruction:
+        """Raw activations [..., d_in] -> Reconstruction (raw x_hat [batch, d_in], the code over [batch, d_sae]),
+        the leading dims flattened."""
+        code, _, stats = self.encode_code(x)
+        return Reconstruction(self.denormalize(self.decode_code(code), stats), code)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations [..., d_in] -> raw reconstruction [..., d_in] (inference; sparse decode)."""
+        return self.reconstruct(x)[0].reshape(x.shape)
+
+    def decode_code(self, code: SparseCode) -> torch.Tensor:
+        """A SparseCode over [batch, d_sae] -> reconstruction [batch, d_in] in the normalised space, on the sparse
+        kernels unless the code is dense enough for the matmul to win (differentiable in values and W_dec)."""
+        return decode(code.values, self.W_dec, code.layout, dense=prefers_dense(code.layout)) + self.b_dec
+
     @property
     def input_norm(self) -> InputNorm:
         """The map between raw activations and this SAE's space (over the input_scale buffer)."""
@@ -261,6 +309,7 @@ class SAE(nn.Module):
         """Inverse of `normalize`: x_hat [batch, d_in] in the SAE's space -> raw space."""
         return self.input_norm.from_sae(x_hat, stats)
 
+    # -- variant hooks: the stages a variant defines or overrides -------------------------------------
     def encode_pre(self, x_n: torch.Tensor) -> torch.Tensor:
         """[batch, d_in] (normalised) -> pre-activations z [batch, d_sae]."""
         if self.cfg.pre_enc_bias:
@@ -303,33 +352,6 @@ class SAE(nn.Module):
         """a [batch, d_sae] -> reconstruction [batch, d_in] in the normalised space."""
         return a @ self.W_dec + self.b_dec
 
-    def decode_code(self, code: SparseCode) -> torch.Tensor:
-        """A SparseCode over [batch, d_sae] -> reconstruction [batch, d_in] in the normalised space, on the sparse
-        kernels unless the code is dense enough for the matmul to win (differentiable in values and W_dec)."""
-        return decode(code.values, self.W_dec, code.layout, dense=prefers_dense(code.layout)) + self.b_dec
-
-    def encode_code(self, x: torch.Tensor) -> tuple[SparseCode, torch.Tensor, Any]:
-        """Raw activations [..., d_in] (flattened to [batch, d_in]) -> (SparseCode over [batch, d_sae], x_n
-        [batch, d_in] in the normalised space, what `denormalize` needs). The inference entry point for
-        evaluation and dashboards: the code stays sparse (CSR) for every variant."""
-        x_n, stats = self.normalize(x.reshape(-1, self.d_in))
-        return self.encode_normalized(x_n), x_n, stats
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw activations [..., d_in] -> dense code [..., d_sae] (inference)."""
-        code, _, _ = self.encode_code(x)
-        return code.dense().reshape(*x.shape[:-1], self.d_sae)
-
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
-        """Raw activations [..., d_in] -> (raw reconstruction [batch, d_in] with the leading dims flattened, the
-        SparseCode over [batch, d_sae] it was decoded from)."""
-        code, _, stats = self.encode_code(x)
-        return self.denormalize(self.decode_code(code), stats), code
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw activations [..., d_in] -> raw reconstruction [..., d_in] (inference; sparse decode)."""
-        return self.reconstruct(x)[0].reshape(x.shape)
-
     # -- training ----------------------------------------------------------------------------------
     def reconstruction_loss(self, x_n: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Squared error summed (or averaged, per --mse-reduction) over d_in, averaged over tokens."""
@@ -366,6 +388,14 @@ class SAE(nn.Module):
         loss = sum(terms.values())
         detached = SparseCode(code.layout, code.values.detach())
         return LossOutput(loss, {k: v.detach() for k, v in terms.items()}, detached, x_hat)
+
+    def relu_encoder_bias(self) -> torch.Tensor:
+        """inference_form "relu": the bias b [d_sae] with code = ReLU(x_in @ W_enc + b)."""
+        return self.b_enc
+
+    def jump_threshold(self) -> torch.Tensor:
+        """inference_form "jump": theta [d_sae] with code = z * 1[z > theta]."""
+        raise NotImplementedError(f"{type(self).__name__} has no inference threshold.")
 
     def update_inference_state(self, code: SparseCode) -> None:
         """After each training step (no grad), from its code: e.g. running thresholds of batch-level variants."""

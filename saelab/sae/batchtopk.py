@@ -1,34 +1,15 @@
 """BatchTopK SAE (Bussmann, Leask & Nanda 2024), and the batch-level pieces mutual choice shares with it.
 
-Training (ctx given): keep the k*B largest selection scores of the whole [B, d_sae] batch,
+Training keeps the k*B largest selection scores of the whole batch; inference is a JumpReLU with one scalar threshold
+theta (z units), a running minimum of the kept activations that `calibrate_inference` sets exactly when training ends.
 
-    S = top_{k*B} of ReLU(s),   s_ti = z_ti * ||d_i||  (rescale_by_decoder_norm)  or  z_ti,
-    a_ti = ReLU(z_ti) on S, 0 elsewhere,
-
-so the per-token L0 varies while its batch mean is k. Gradients reach only the kept entries (plus AuxK).
-
-Inference (ctx None): a batch-independent JumpReLU with one scalar threshold,
-
-    a = ReLU(z) * 1[z > theta]      (= z * 1[z > theta] once theta >= 0, as it always is after training),
-
-where theta is a running estimate of the smallest kept activation: after every training step,
-theta <- (1 - eta) * theta + eta * min{a_ti : a_ti > 0} with eta = threshold_rate; the first update sets
-theta directly. theta starts at +inf (nothing fires before the SAE has seen a training batch). When training
-ends, `calibrate_inference` replaces the running estimate by the batch rule itself at the final weights: theta
-is set so that k*T of the z of T training tokens exceed it (mean L0 exactly k there). The running estimate lags
-the encoder: on SmolLM2 (4608 latents, k 32, 244 steps) it gave a held-out L0 of 19.8 and left 9% of the
-latents silent on 8k tokens, against 0.7% at the calibrated threshold.
-
-theta lives in z units, as in SAELens `batchtopk_sae.py`: `fold()` leaves z unchanged (the input scale goes
-into W_enc and b_dec), so a saved SAE needs no threshold rescaling. While the decoder rows are unit-norm
-(always, during training) selecting on z * ||d_i|| and on z are the same thing.
-
-Loss: normalised MSE + aux_coef * AuxK, exactly as TopKSAE.
+Math, defaults and choices: docs/algorithms.md, section "BatchTopK".
 """
 
 from __future__ import annotations
 
 import torch
+from typing_extensions import override
 
 from saelab.errors import SaelabError
 from saelab.kernels import SparseCode, SparseLayout
@@ -90,6 +71,8 @@ class BatchTopKSAE(TopKSAE):
     """
 
     architecture = "batchtopk"
+    summary = "the k*B largest in the batch"
+    inference_form = "jump"
     calibrates_inference = True
 
     def __init__(self, *args, **kwargs):
@@ -100,12 +83,14 @@ class BatchTopKSAE(TopKSAE):
         """Shape of the inference threshold buffer: () for one global threshold."""
         return ()
 
+    @override
     def validate(self) -> None:
         super().validate()
         rate = self.topk_cfg.threshold_rate
         if not 0 < rate <= 1:
             raise SaelabError(f"--threshold-rate must be in (0, 1] (got {rate}).")
 
+    @override
     def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
         """Training: the top k*batch of ReLU(selection scores) in the batch. Inference: z > theta."""
         if not ctx.training:
@@ -113,6 +98,7 @@ class BatchTopKSAE(TopKSAE):
         return batch_topk_layout(self.selection_scores(z, ctx).relu(), self.cfg.k * z.shape[0])
 
     @torch.no_grad()
+    @override
     def calibrate_inference(self, x_n: torch.Tensor, chunk: int = 4096) -> None:
         """theta <- midway between the (k*T)-th and (k*T+1)-th largest ReLU(z) over x_n [T, d_in], so exactly k*T
         entries fire there (ties aside). Reads x_n in chunks of `chunk` tokens, keeping only the running top."""
@@ -121,7 +107,21 @@ class BatchTopKSAE(TopKSAE):
         if len(best) > wanted:
             self.threshold.fill_(float(best[wanted - 1] + best[wanted]) / 2)
 
+    @override
+    def jump_threshold(self) -> torch.Tensor:
+        """theta [d_sae] (the global or per-latent inference threshold); the code is z * 1[z > theta] at inference.
+        Refuses a negative theta, under which the code keeps negative z (no ReLU SAE form computes that)."""
+        theta = self.threshold.detach().expand(self.d_sae).clone()
+        if bool((theta < 0).any()):
+            raise SaelabError(
+                f"This '{self.architecture}' SAE has a negative inference threshold, so its code keeps some negative "
+                "pre-activations, which a JumpReLU (ReLU first) cannot reproduce; train it further or raise the "
+                "threshold to >= 0."
+            )
+        return theta
+
     @torch.no_grad()
+    @override
     def update_inference_state(self, code: SparseCode) -> None:
         """theta <- EMA of the smallest positive value of the training code."""
         positive = code.values[code.values > 0]

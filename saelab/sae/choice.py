@@ -1,22 +1,10 @@
 """Feature Choice and Mutual Choice SAEs (Ayonrinde 2024, arXiv 2411.02124).
 
-Sparsification as allocation: with affinities A = ReLU(S) [B, n] (S the selection scores: z, or z * ||d_i||
-with rescale_by_decoder_norm), choose a mask M in {0,1}^{B x n} maximising <M, A> subject to sum(M) <= kB,
-and set a = M (.) ReLU(z).
+Mutual choice keeps the top k*B entries of the batch (BatchTopK's selection); feature choice gives each latent a
+token budget m_i (equal, or Zipf by firing-frequency rank). Inference: a global (mutual) or per-latent (feature)
+threshold. An optional aux_zipf loss acts on under-used latents.
 
-- Mutual choice (`choice_mode=mutual`): no row or column limit: the top kB entries of the whole matrix.
-  This is exactly BatchTopK's selection (`batch_topk_layout`, shared with BatchTopKSAE, which this class extends).
-- Feature choice (`choice_mode=feature`): column sums <= m_i: latent i takes its top m_i tokens of the batch.
-  With zipf_alpha = 0 every m_i = kB/n (rounded by largest remainder so that sum m_i = kB); with
-  zipf_alpha > 0 the capacities follow a Zipf law m_(r) ~ (r + zipf_beta)^-zipf_alpha over the latents ranked
-  by running firing frequency (most used first), again summing to kB (each capped at B).
-
-Inference (ctx None): a = z * 1[z > theta], theta a global scalar (mutual) or per-latent [n] (feature),
-running minima of the kept activations as in BatchTopK: theta <- (1 - eta) theta + eta * min(kept a > 0)
-(per column for feature choice; columns with no positive kept value are left as they are), eta =
-threshold_rate, first update sets theta directly, +inf until then.
-
-Loss: normalised MSE + aux_coef * AuxK (dead latents, as TopK) + zipf_coef * aux_zipf (see ChoiceSAE).
+Math, defaults and choices (aux_zipf's form): docs/algorithms.md, section "Feature and mutual choice".
 """
 
 from __future__ import annotations
@@ -25,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from typing_extensions import override
 
 from saelab.config import Section, option
 from saelab.errors import SaelabError
@@ -95,36 +84,14 @@ class ChoiceSAE(BatchTopKSAE):
              feature_freq [d_sae] running firing frequency (fraction of tokens with a != 0);
              freq_updates [] int64, training steps folded into feature_freq.
 
-    aux_zipf (the "check" item of algorithms.md section 6). The search tool reached the abstract
-    (arXiv 2411.02124 abs/HTML, OpenReview TIjBKgLyPN, the author's blog koayon/blog) and a public copy of the
-    four ICLR 2025 OpenReview reviews, but not the text of section 4, so the equation itself could not be
-    checked. What the sources say:
-    aux_zipf_loss "generalises the aux_k_loss to mitigate dead and underutilised features" (abstract); feature
-    densities are fitted well by a Zipf distribution "except at the lower end", and the paper proposes a
-    definition of "dying" (under-used) features (reviewer 3); a Zipf law also sets the feature-choice
-    capacities (reviewer 4). The closest defensible form, implemented here:
-      - f [d_sae]: running firing frequency, f <- (1 - eta) f + eta * mean_t 1[a_ti != 0] after each step
-        (eta = threshold_rate; first update sets it);
-      - Zipf target by rank: t_(r) = k * (r + zipf_beta)^-zipf_alpha / sum_j (j + zipf_beta)^-zipf_alpha, so
-        sum_i t_i = k = the mean L0; latent i is compared with the target of its own frequency rank r(i);
-      - under-used U = {i : f_i < t_r(i)} minus the dead latents (those are AuxK's): the lower end that falls
-        below the Zipf curve. With zipf_alpha = 0 the target is flat (k / d_sae): U = below-average latents;
-      - aux_zipf = AuxK restricted to U: the top-k ReLU(z) among U (k the code's own k, not --k-aux)
-        reconstruct the detached residual e = x - x_hat, L = ||e - a_U @ W_dec||^2 / ||e - mean(e)||^2 (0 when
-        U is empty or nothing is tracked). U holds about half the dictionary at zipf_alpha 0, and its latents
-        have sub-threshold activations of the size of the kept ones: k_aux = 512 of them overshoot the residual,
-        so the loss lowered them all and they stopped firing (SmolLM2, blocks.15 residual, 8x, L0 32: 23% dead
-        on held-out text, against BatchTopK's 0%); with k, 3.0% dead and FVU 0.247 (BatchTopK 0.239).
-    Loss = normalised MSE + aux_coef * AuxK(dead) + zipf_coef * aux_zipf(U); zipf_coef = 0 gives plain AuxK,
-    and dead latents (f = 0) are always below target, so the two terms together cover AuxK's set and more.
-    Default zipf_coef 0: in this form aux_zipf raises the dead fraction instead of lowering it. Mutual choice
-    at L0 16 on the same setup, dead on 8,192 held-out tokens: 5.6% (zipf_coef 0), 10.3% (1/128), 32.5% (1/8);
-    14.5% on 16,384 tokens at 1/32, the earlier default. FVU 0.276 / 0.277 / 0.290.
-    Unsure: whether the paper weights latents by their shortfall (t - f) or uses one loss for dead and
-    dying latents together; this form keeps AuxK's normalisation so zipf_coef is comparable to aux_coef.
+    Loss = normalised MSE + aux_coef * AuxK(dead) + zipf_coef * aux_zipf(U), where U (`underused`) holds the alive
+    latents firing below their Zipf target frequency and aux_zipf is AuxK restricted to U with the code's own k.
+    zipf_coef defaults to 0 (in this form aux_zipf raises the dead fraction). The form, the sources consulted and the
+    measurements: docs/algorithms.md, section "Feature and mutual choice".
     """
 
     architecture = "choice"
+    summary = "feature or mutual choice"
     sections = (AuxConfig, TopKConfig, ChoiceConfig)
     choice_cfg: ChoiceConfig
 
@@ -133,9 +100,11 @@ class ChoiceSAE(BatchTopKSAE):
         self.register_buffer("feature_freq", torch.zeros(self.d_sae))
         self.register_buffer("freq_updates", torch.zeros((), dtype=torch.long))
 
+    @override
     def threshold_shape(self) -> tuple[int, ...]:
         return (self.d_sae,) if self.choice_cfg.choice_mode == "feature" else ()
 
+    @override
     def validate(self) -> None:
         super().validate()
         choice = self.choice_cfg
@@ -156,6 +125,7 @@ class ChoiceSAE(BatchTopKSAE):
         by_rank = zipf_capacities(self.d_sae, self.cfg.k * batch, choice.zipf_alpha, choice.zipf_beta, batch)
         return by_rank.to(self.feature_freq.device)[self.frequency_ranks()]
 
+    @override
     def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
         """Threshold(s) at inference; mutual (BatchTopK's) or feature choice in training."""
         if not ctx.training or self.choice_cfg.choice_mode == "mutual":
@@ -176,6 +146,7 @@ class ChoiceSAE(BatchTopKSAE):
         below = self.feature_freq < self.zipf_targets()
         return below if dead is None else below & ~dead.to(below.device)
 
+    @override
     def code_losses(self, encoder, x_n, code, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
         terms = super().code_losses(encoder, x_n, code, x_hat, ctx)
         coef = self.choice_cfg.zipf_coef
@@ -187,6 +158,7 @@ class ChoiceSAE(BatchTopKSAE):
 
     # -- running state --------------------------------------------------------------------------------
     @torch.no_grad()
+    @override
     def calibrate_inference(self, x_n: torch.Tensor, chunk: int = 4096) -> None:
         """Mutual: BatchTopK's global threshold. Feature: each latent's threshold midway between its m_i-th and
         (m_i+1)-th largest z over x_n [T, d_in], m_i = its Zipf capacity for T tokens, so every latent takes its
@@ -201,6 +173,7 @@ class ChoiceSAE(BatchTopKSAE):
         self.threshold.copy_(torch.where(budget > 0, theta, torch.full_like(theta, float("inf"))))
 
     @torch.no_grad()
+    @override
     def update_inference_state(self, code: SparseCode) -> None:
         """Update the inference threshold(s) and the running firing frequency from the training code."""
         rate = self.topk_cfg.threshold_rate

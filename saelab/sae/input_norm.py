@@ -1,4 +1,7 @@
-"""Input normalisation: the map between a hook's raw activations and the space an SAE trains in."""
+"""Input normalisation: the map between a hook's raw activations and the space an SAE trains in.
+
+Math, defaults and choices: docs/algorithms.md, section "Input normalisation".
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Save and load SAEs: a folder with `sae.safetensors` and `cfg.json`.
 
-`save_sae` folds a copy first (constant input scale and, where exact, decoder norms go into the weights),
-so a saved SAE maps raw activations to raw reconstructions. `load_sae` also reads SAELens folders
-(`cfg.json` + `sae_weights.safetensors`); see saelab.sae.saelens.
+`save_sae` folds a copy first (the constant input scale goes into the weights and the sparsity coefficient is
+fixed; no code changes), so a saved SAE maps raw activations to raw reconstructions. `load_sae` also reads
+SAELens folders (`cfg.json` + `sae_weights.safetensors`); see saelab.sae.saelens.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from saelab import __version__
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.sae.base import SAE
-from saelab.sae.registry import SAE_SECTIONS, create_sae
+from saelab.sae.registry import create_sae, sae_sections
 
 WEIGHTS = "sae.safetensors"
 LINEAR_WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -69,7 +69,8 @@ def sae_from_config(config: dict) -> SAE:
     try:
         legacy_target = (config.get("jumprelu") or {}).pop("target_l0", 0)  # moved to the sae section
         sae_cfg = SAEConfig(**{**({"target_l0": legacy_target} if legacy_target else {}), **config["sae"]})
-        options = {name: SAE_SECTIONS[name](**config[name]) for name in config if name in SAE_SECTIONS and name != "sae"}
+        sections = sae_sections()
+        options = {name: sections[name](**config[name]) for name in config if name in sections and name != "sae"}
         sae = create_sae(config["d_in"], sae_cfg, options, config.get("metadata"))
     except (KeyError, TypeError) as exc:
         raise SaelabError(f"cfg.json is not a saelab SAE config ({exc}).") from exc
@@ -78,15 +79,23 @@ def sae_from_config(config: dict) -> SAE:
 
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load a saelab SAE folder, or a SAELens one (cfg.json + sae_weights.safetensors)."""
-    folder = Path(folder)
+    """Load a saelab SAE folder, a SAELens one (cfg.json + sae_weights.safetensors), or a published SAE: a sparsify
+    folder, Gemma Scope params.npz, dictionary_learning ae.pt, or an `hf:owner/repo[/subfolder]` or SAELens
+    `release:id` source through the Hugging Face hub cache (saelab.sae.published)."""
+    from saelab.sae.published import load_published, resolve_sae_source
+
+    folder = resolve_sae_source(folder)
+    published = load_published(folder, device)
+    if published is not None:
+        return _check_finite(published, folder)
     if (folder / "sae_weights.safetensors").is_file():
         from saelab.sae.saelens import load_saelens
 
         return _check_finite(load_saelens(folder, device=device), folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise SaelabError(
-            f"{folder} is not an SAE folder (needs {CONFIG} with {WEIGHTS}, or SAELens' sae_weights.safetensors)."
+            f"{folder} is not an SAE folder (needs {CONFIG} with {WEIGHTS}, SAELens' sae_weights.safetensors, Gemma "
+            "Scope's params.npz or dictionary_learning's ae.pt)."
         )
     try:
         config = json.loads((folder / CONFIG).read_text())

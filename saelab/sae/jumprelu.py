@@ -1,36 +1,10 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024; Gemma Scope) with straight-through threshold gradients.
 
-activate: a_i = z_i * H(z_i - theta_i), theta = exp(log_threshold) a learnt per-latent threshold [d_sae].
+a_i = z_i * H(z_i - theta_i) with per-latent thresholds theta [d_sae] learnt through a rectangle-kernel
+straight-through estimator of bandwidth eps; sparsity by the step (L0), tanh or target penalty. To reach
+--target-l0 the thresholds start at the target's quantile and the L0 controller scales them all by one factor.
 
-The step H has zero derivative almost everywhere, so theta gets pseudo-derivatives from a kernel density
-estimate: with the rectangle kernel K(u) = 1[|u| < 1/2] and bandwidth eps,
-    da_i/dz_i := H(z_i - theta_i)                     (the true derivative)
-    da_i/dtheta_i := -(theta_i / eps) K((z_i - theta_i) / eps)
-    dH_i/dtheta_i := -(1 / eps) K((z_i - theta_i) / eps)
-    dH_i/dz_i := 0                                    (the L0 term reaches the encoder only through theta)
-Averaged over a batch these estimate d E[a_i]/d theta_i = -theta_i p(theta_i) and d P(z_i > theta_i)/d theta_i
-= -p(theta_i), p the density of z_i. Storing log theta keeps theta > 0; autograd adds the factor theta.
-
-Sparsity (`--sparsity-mode`), lambda = l0_price() * ctx.sparsity_scale (l0_coef * d_in / target_l0):
-    step:   lambda * mean_B sum_i H(z_i - theta_i)                            (the paper's L0)
-    tanh:   lambda * mean_B sum_i tanh(c a_i ||d_i||)                          (Anthropic, January 2025)
-            + preact_coef * mean_B sum_i ReLU(theta_i - z_i) ||d_i||          (on dead latents, see below)
-    target: lambda * (L0 / target_l0 - 1)^2, L0 = mean_B sum_i H(z_i - theta_i) (dictionary_learning)
-Decoder rows are kept at unit norm (Gemma Scope).
-
-Reaching --target-l0 with no tuning (saelab.sae.sparsity): with --theta-init 0 (the default) each theta_i
-starts at latent i's (1 - target_l0/d_sae) quantile of its initial pre-activations, so the code starts at the
-target; with --threshold-scale 0 (the default) the L0 controller adapts one factor s on every threshold,
-which holds it there while lambda ranks the latents. The L0 term reaches only theta, and Adam moves log theta
-by about lr per step whatever the term's scale, so in a run of S steps theta changes by at most a factor of
-about exp(lr * S): a controller on lambda winds up, and a threshold started far from the target (Gemma Scope's
-theta_init 0.001) stays dense in short runs whatever lambda is. The bandwidth is in the units of z (inputs scaled to E||x|| = sqrt(d_in)
-give z of order 1); Gemma Scope's 0.001 belongs to inputs of unit mean squared norm.
-
-Sparse training (step and target modes): every derivative above vanishes unless z_i > theta_i - eps/2 (the
-entry is active, or theta's pseudo-derivative window covers it), so the code is kept as those entries only
-and trains on saelab.kernels' sparse path with exactly the same loss and gradients. The tanh mode's
-pre-activation term reaches every entry with z_i < theta_i, so it trains with dense tensors.
+Math, defaults and choices: docs/algorithms.md, section "JumpReLU".
 """
 
 from __future__ import annotations
@@ -41,6 +15,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from saelab.config import Section, option
 from saelab.errors import SaelabError
@@ -87,7 +62,7 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
 
 
 class JumpReLUFunction(torch.autograd.Function):
-    """a = z * H(z - theta) with the straight-through pseudo-derivatives above.
+    """a = z * H(z - theta), with da/dz := H(z - theta) and da/dtheta := -(theta/eps) K((z - theta)/eps).
 
     z: [batch, d_sae]; theta: [d_sae] (broadcast over the batch; its gradient is summed over the batch).
     """
@@ -148,6 +123,8 @@ class JumpReLUSAE(SAE):
     """JumpReLU SAE: a = z * H(z - theta) [batch, d_sae] with theta = exp(log_threshold) [d_sae] learnt by STE."""
 
     architecture = "jumprelu"
+    summary = "JumpReLU, L0 through a straight-through estimator"
+    inference_form = "jump"
     sections = (JumpReLUConfig,)
     jumprelu_cfg: JumpReLUConfig
     unit_norm_decoder = True  # Gemma Scope keeps decoder rows at unit norm
@@ -159,11 +136,16 @@ class JumpReLUSAE(SAE):
         if "log_threshold" not in self._parameters:
             self.log_threshold = nn.Parameter(torch.empty(self.d_sae, dtype=self.W_enc.dtype, device=self.W_enc.device))
 
+    @override
+    def jump_threshold(self) -> torch.Tensor:
+        return self.threshold.detach().clone()
+
     @property
     def threshold(self) -> torch.Tensor:
         """theta = s * exp(log_threshold) [d_sae], always positive; s the threshold scale (1 once saved)."""
         return self.log_threshold.exp() * self.sparsity_coef()
 
+    @override
     def validate(self) -> None:
         opt = self.jumprelu_cfg
         if opt.sparsity_mode not in SPARSITY_MODES:
@@ -181,6 +163,7 @@ class JumpReLUSAE(SAE):
                 "0 disables the warmup."
             )
 
+    @override
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """W_dec [d_sae, d_in] rows He-uniform, U(-b, b) entries, then unit norm (so the bound b drops out);
         W_enc = W_dec^T; zero biases; log_threshold = log(theta_init) for every latent (theta_init 0: a placeholder
@@ -196,6 +179,7 @@ class JumpReLUSAE(SAE):
             self.log_threshold.fill_(math.log(self.jumprelu_cfg.theta_init or self.jumprelu_cfg.bandwidth))
 
     @torch.no_grad()
+    @override
     def initialize_from_data(self, x_n: torch.Tensor) -> None:
         """x_n [n, d_in]. b_dec = the geometric median of the sample (Gemma Scope starts it at zero, which on
         SmolLM2's residual stream gave FVU 8 at step 0 and 6.8 after 10 steps, against TopK's 0.75 and 0.61). With
@@ -208,6 +192,7 @@ class JumpReLUSAE(SAE):
             self.log_threshold.copy_(theta.clamp_min(opt.bandwidth).log())
 
     @torch.no_grad()
+    @override
     def freeze_sparsity(self) -> None:
         """Fold the threshold scale into the thresholds (threshold_scale 1 in the saved options)."""
         if self.l0_controller is not None:
@@ -215,17 +200,21 @@ class JumpReLUSAE(SAE):
             self.l0_controller.log_value.zero_()
         super().freeze_sparsity()
 
+    @override
     def sparsity_warmup_fraction(self) -> float:
         return self.jumprelu_cfg.jumprelu_warmup_fraction
 
+    @override
     def activate(self, z: torch.Tensor, ctx: StepContext = INFERENCE) -> torch.Tensor:
         """z [batch, d_sae] -> a = z * 1[z > theta] (exact forward; STE backward)."""
         return jumprelu(z, self.threshold, self.jumprelu_cfg.bandwidth)
 
     @property
+    @override
     def sparse_code(self) -> bool:
         return self.jumprelu_cfg.sparsity_mode != "tanh"
 
+    @override
     def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
         """Training: z > theta - eps/2 (active or inside the STE window); inference: z > theta."""
         theta = self.threshold.detach()
@@ -233,9 +222,11 @@ class JumpReLUSAE(SAE):
             theta = theta - self.jumprelu_cfg.bandwidth / 2
         return SparseLayout.from_mask(z > theta)
 
+    @override
     def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext) -> torch.Tensor:
         return jumprelu(z_at, self.threshold[layout.indices], self.jumprelu_cfg.bandwidth)
 
+    @override
     def code_losses(
         self, encoder: EncoderPass, x_n: torch.Tensor, code: SparseCode, x_hat: torch.Tensor, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
@@ -273,6 +264,7 @@ class JumpReLUSAE(SAE):
         opt = self.jumprelu_cfg
         return (l0 / self.cfg.target_l0 - 1).pow(2) if opt.sparsity_mode == "target" else l0
 
+    @override
     def sparsity_loss(
         self, x_n: torch.Tensor, z: torch.Tensor, a: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext
     ) -> dict[str, torch.Tensor]:

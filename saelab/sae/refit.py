@@ -1,23 +1,11 @@
-"""Decoder refit: once training ends, least-squares W_dec and b_dec for the codes the encoder actually produces.
+"""Decoder refit (Wright and Sharkey 2024, "Addressing Feature Suppression in SAEs"): once training ends,
+least-squares W_dec and b_dec for the codes the encoder actually produces, for the variants whose penalty shrinks
+their codes (ReLU-L1, the threshold family).
 
-SAEs trained with an L1 or threshold penalty (ReLU-L1, the threshold family) shrink their codes: the penalty pulls
-every activation toward zero, and the decoder, held at unit-norm rows, cannot make up for it. Wright and Sharkey
-(2024, "Addressing Feature Suppression in SAEs") fix this after training by freezing the encoder and fitting
-the decoder alone. With the codes F [T, n] of a sample x_n [T, d] fixed, the decoder is a linear least-squares
-problem in Theta = [W_dec; b_dec] [n + 1, d]:
+Ridge least squares by preconditioned conjugate gradients on sparse decodes, a held-out eighth of the sample
+choosing the iterate; the codes, so L0 and the dead latents, do not change.
 
-    minimise ||[F 1] Theta - x_n||^2 + rho ||Theta - Theta_0||^2      rho = ridge * mean_i (F^T F)_ii
-
-solved for the change Delta = Theta - Theta_0 by conjugate gradients, one independent system per output
-dimension, started at Delta = 0 and preconditioned by the diagonal of F^T F + rho I. Each iteration is one
-sparse decode (F p) and its transpose (F^T q): O(nnz * d), never an n x n Gram matrix, so any width refits.
-A held-out part of the sample (1/8) picks the iterate: CG stops once the held-out MSE stops falling, and the
-decoder is left as it was if no iterate beats it. The codes, and so L0 and the dead latents, do not change (an
-encoder that subtracts b_dec gets b_enc moved to match); decoder rows are no longer unit norm (folding at save
-moves the norms into the encoder where that is exact).
-
-On SmolLM2 (blocks.15 residual, 8x, target L0 32) this takes ReLU-L1's held-out FVU from 0.42 to 0.27
-(BENCHMARKS.md); TopK, whose codes are not shrunk, gained only 0.21 to 0.20, so the top-k family is not refit.
+Math, defaults and choices: docs/algorithms.md, section "Decoder refit".
 """
 
 from __future__ import annotations
@@ -59,7 +47,8 @@ def refit_decoder(
     sae, x_n: torch.Tensor, max_iters: int = 200, ridge: float = 1e-3, held_out: float = 1 / 8, check_every: int = 5
 ) -> RefitReport:
     """Refit sae.W_dec [d_sae, d_in] and sae.b_dec [d_in] in place to the codes of x_n [T, d_in] (the SAE's
-    normalised space; see the module docstring). Returns what the held-out tokens measured."""
+    normalised space; the method: docs/algorithms.md, section "Decoder refit"). Returns what the held-out tokens
+    measured."""
     code = sample_codes(sae, x_n)
     n_fit = len(x_n) - max(1, int(len(x_n) * held_out))
     fit, check = _split(code, n_fit)

@@ -34,11 +34,16 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     )
 }
 
-# Section name -> config section: `sae` and every section a registered variant reads (in first-use order).
-SAE_SECTIONS: dict[str, type[Section]] = {
-    "sae": SAEConfig,
-    **{section.name: section for cls in ARCHITECTURES.values() for section in cls.sections},
-}
+
+
+def sae_sections() -> dict[str, type[Section]]:
+    """Section name -> config section: `sae` and every section a registered variant reads (in first-use order)."""
+    return {"sae": SAEConfig, **{section.name: section for cls in ARCHITECTURES.values() for section in cls.sections}}
+
+
+def architecture_help() -> str:
+    """--architecture's help: every registered variant and its summary."""
+    return "SAE variant: " + "; ".join(f"{name} ({cls.summary})" for name, cls in ARCHITECTURES.items()) + "."
 
 
 def sae_class(architecture: str) -> type[SAE]:

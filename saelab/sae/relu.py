@@ -1,24 +1,9 @@
-"""ReLU SAE with an L1 penalty (Bricken et al. 2023; Anthropic April 2024 update).
+"""ReLU SAE with an L1 penalty (Bricken et al. 2023, "Towards Monosemanticity"; Anthropic's April 2024 update).
 
-code: a = ReLU(z), z = (x_n - p * b_dec) @ W_enc + b_enc                         [batch, d_sae]
+Code a = ReLU(z) in two forms, chosen by `--decoder-norm`: unit (2023: unit-norm decoder rows, L1 of a) or weighted
+(2024: a free decoder, L1 of a_i * ||d_i||). Dead-latent resampling is saelab.train.resample.
 
-kept as a sparse code of its z > 0 entries, so training runs on the sparse kernels once the code is sparse
-(gradients are exact: ReLU has zero gradient where z <= 0). Two forms, chosen by `--decoder-norm` (section `l1`):
-
-- weighted (2024): L = recon + lambda * mean_B sum_i a_i * ||d_i||_2. The decoder is unconstrained;
-  weighting the L1 by the row norms stops the model from shrinking codes by growing decoder rows. Init: random
-  decoder rows of norm `decoder_init_norm`, W_enc = W_dec^T, zero biases.
-- unit (2023, default): L = recon + lambda * mean_B ||a||_1, with decoder rows kept at unit norm by the base class
-  (gradient projection after backward, renormalisation after the step). Init: unit rows, W_enc = W_dec^T.
-
-Sparsity target: with --l1-coef 0 (the default) lambda is adapted by an L0 controller toward --target-l0
-(saelab.sae.sparsity), and b_enc starts at minus each latent's (1 - target/n) quantile of its initial
-pre-activations, so the code starts at the target L0. A given --l1-coef is used as it is, ramped in over
-`l1_warmup_fraction` of training (ctx.sparsity_scale); the controller needs no warmup.
-Folding decoder norms into the encoder is exact for ReLU (ReLU(s z) = s ReLU(z) for s > 0).
-The L1 penalty shrinks every code, so once training ends the decoder is refit by least squares to the
-frozen codes (saelab.sae.refit; --decoder-refit-tokens 0 turns it off): on SmolLM2 at L0 32 that lowers held-out
-FVU from 0.41 to about 0.27, with L0 and the dead latents unchanged.
+Math, defaults and choices: docs/algorithms.md, section "ReLU-L1".
 """
 
 from __future__ import annotations
@@ -27,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from typing_extensions import override
 
 from saelab.config import SAEConfig, Section, option
 from saelab.errors import SaelabError
@@ -63,9 +49,12 @@ B_DEC_INITS = ("zero", "geomedian")
 
 
 class ReLUSAE(SAE):
-    """ReLU + L1 SAE. Code a = ReLU(z) [batch, d_sae]; see the module docstring for the two loss forms."""
+    """ReLU + L1 SAE. Code a = ReLU(z) [batch, d_sae], kept as its z > 0 entries; loss: reconstruction + the L1 term
+    of `code_losses` (unit or weighted form)."""
 
     architecture = "relu"
+    summary = "ReLU with an L1 penalty"
+    inference_form = "relu"
     sections = (L1Config,)
     l1_cfg: L1Config
     sparse_code = True  # only the z > 0 entries are encoded, decoded and penalised (the sparse kernels' path)
@@ -77,6 +66,7 @@ class ReLUSAE(SAE):
         # Instance attribute read by the base class hooks: only the 2023 form keeps unit-norm rows.
         self.unit_norm_decoder = self.l1_cfg.decoder_norm == "unit"
 
+    @override
     def validate(self) -> None:
         l1 = self.l1_cfg
         if l1.decoder_norm not in DECODER_NORMS:
@@ -96,6 +86,7 @@ class ReLUSAE(SAE):
         if l1.resample_scale < 0 or any(step <= 0 for step in l1.resample_steps):
             raise SaelabError("--resample-scale must be >= 0 and every --resample-steps entry a positive step number.")
 
+    @override
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Tied init: random directions for the rows d_i of W_dec [d_sae, d_in], W_enc = W_dec^T, zero biases.
         Row norm: `decoder_init_norm` in the weighted form, 1 in the unit form."""
@@ -105,10 +96,12 @@ class ReLUSAE(SAE):
                 self.W_dec.mul_(self.l1_cfg.decoder_init_norm)
                 self.W_enc.copy_(self.W_dec.T)
 
+    @override
     def initial_sparsity_coef(self) -> float:
         return 5.0  # the 2024 recipe's lambda with constant input scaling
 
     @torch.no_grad()
+    @override
     def initialize_from_data(self, x_n: torch.Tensor) -> None:
         """x_n [n, d_in]: b_dec = geometric median of the sample when --b-dec-init geomedian, else keep b_dec = 0;
         then b_enc = -(each latent's (1 - target_l0/d_sae) quantile of z), so ReLU(z) starts at the target L0."""
@@ -116,21 +109,26 @@ class ReLUSAE(SAE):
             super().initialize_from_data(x_n)
         self.b_enc.sub_(target_quantiles(self, x_n))
 
+    @override
     def resample_schedule(self) -> tuple[tuple[int, ...], float]:
         l1 = self.l1_cfg
         return tuple(l1.resample_steps), l1.resample_scale
 
+    @override
     def sparsity_warmup_fraction(self) -> float:
         return 0.0 if self.l0_controller is not None else self.l1_cfg.l1_warmup_fraction
 
+    @override
     def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
         """z [batch, d_sae] -> the entries with z > 0 (the same in training and inference)."""
         return SparseLayout.from_mask(z > 0)
 
+    @override
     def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext) -> torch.Tensor:
         """a = ReLU(z) at the kept entries [nnz] (ReLU only guards against rounding between the two z passes)."""
         return z_at.relu()
 
+    @override
     def code_losses(
         self, encoder: EncoderPass, x_n: torch.Tensor, code: SparseCode, x_hat: torch.Tensor, ctx: StepContext
     ) -> dict[str, torch.Tensor]:

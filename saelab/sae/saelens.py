@@ -45,7 +45,7 @@ import dataclasses
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -65,13 +65,7 @@ SAELENS_FORMAT_VERSION = "6.54.12"  # the SAELens version whose format save_sael
 SUPPORTED = ("standard", "topk", "abstopk", "jumprelu", "batchtopk")
 NORMS_TO_SAELAB = {"none": "none", "layer_norm": "layernorm"}
 NORMS_TO_SAELENS = {"none": "none", "constant": "none", "layernorm": "layer_norm"}  # constant: folded first
-TOPK_FAMILY = {"topk": "topk", "gsae": "topk", "abstopk": "abstopk"}  # saelab -> SAELens
-JUMPRELU_AT_INFERENCE = ("batchtopk", "choice")  # a = z * 1[z > theta] at inference
-EXPORTED_THRESHOLDS = ("soft", "hard")  # ReLU(z - t) is a standard SAE; z 1[z > sqrt(2t)] a JumpReLU
-UNREPRESENTABLE = {
-    "topafa": "it picks a different number of latents per token by matching the code norm to ||x - b_dec||, "
-    "which no SAELens architecture computes",
-}
+SAELENS_OF_FORM = {"relu": "standard", "topk": "topk", "abstopk": "abstopk", "jump": "jumprelu"}  # SAE.inference_form
 
 
 # -- reading --------------------------------------------------------------------------------------------------
@@ -197,36 +191,23 @@ def _integral_k(value: Any, d_sae: int) -> int | None:
     return int(k) if k.is_integer() and 1 <= k <= d_sae else None
 
 
-def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load a SAELens SAE folder as the saelab SAE with the same forward map (see the module docstring).
+class _SaelabForm(NamedTuple):
+    """How a SAELens architecture maps onto a saelab one: the target architecture, its k (None: not top-k), tensors
+    to set besides the four weights, and option overrides by section."""
 
-    The folder holds cfg.json and sae_weights.safetensors with W_enc [d_in, d_sae], b_enc [d_sae],
-    W_dec [d_sae, d_in], b_dec [d_in] (+ threshold [d_sae] for jumprelu, topk_threshold [] for a batchtopk
-    checkpoint). Weights are loaded as float32. The returned SAE's encode maps x [..., d_in] to SAELens'
-    encode(x) [..., d_sae] and its forward to SAELens' decode(encode(x)) [..., d_in]. SAELens' metadata
-    (hook_name, model_name, ...) is kept in `sae.metadata["saelens_metadata"]`, with hook_name and model_name
-    also as saelab's `hook` and `model`.
-    """
-    folder = Path(folder)
-    cfg = read_saelens_config(folder)
-    state = _read_weights(folder)
-    arch = cfg.get("architecture", "standard")
-    if arch not in SUPPORTED:
-        raise SaelabError(
-            f"The SAELens SAE in {folder} has architecture '{arch}'; saelab reads {', '.join(SUPPORTED)}."
-        )
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    W_enc = _need(state, "W_enc", (d_in, d_sae), folder).clone()
-    b_enc = _need(state, "b_enc", (d_sae,), folder).clone()
-    W_dec = _need(state, "W_dec", (d_sae, d_in), folder).clone()
-    b_dec = _need(state, "b_dec", (d_in,), folder).clone()
-    norm = cfg.get("normalize_activations") or "none"
-    input_norm = _input_norm(norm, folder)
-    meta = dict(cfg.get("metadata") or {})
-    block = meta.pop("saelab", None)
-    block = block if isinstance(block, dict) else {}
+    target: str
+    k: int | None
+    extra: dict[str, torch.Tensor]
+    option_overrides: dict[str, dict[str, Any]]
+
+
+def _saelab_form(arch: str, cfg: dict[str, Any], state: dict[str, torch.Tensor], W_enc: torch.Tensor,
+                 b_enc: torch.Tensor, W_dec: torch.Tensor, folder: Path) -> _SaelabForm:
+    """The saelab form of SAELens architecture `arch` (see the module docstring); folds decoder norms into W_enc,
+    b_enc [.., d_sae] and W_dec [d_sae, d_in] in place where the mapping needs it."""
+    d_sae = W_dec.shape[0]
+    meta = cfg.get("metadata") or {}
     details = meta.get("training_architecture_details") or {}
-
     k, extra, option_overrides = None, {}, {}
     if arch == "standard":
         target = "relu"
@@ -257,6 +238,38 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
         else:
             target, k = "jumprelu", None
             extra["log_threshold"] = threshold.clamp_min(0).log()
+    return _SaelabForm(target, k, extra, option_overrides)
+
+
+def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load a SAELens SAE folder as the saelab SAE with the same forward map (see the module docstring).
+
+    The folder holds cfg.json and sae_weights.safetensors with W_enc [d_in, d_sae], b_enc [d_sae],
+    W_dec [d_sae, d_in], b_dec [d_in] (+ threshold [d_sae] for jumprelu, topk_threshold [] for a batchtopk
+    checkpoint). Weights are loaded as float32. The returned SAE's encode maps x [..., d_in] to SAELens'
+    encode(x) [..., d_sae] and its forward to SAELens' decode(encode(x)) [..., d_in]. SAELens' metadata
+    (hook_name, model_name, ...) is kept in `sae.metadata["saelens_metadata"]`, with hook_name and model_name
+    also as saelab's `hook` and `model`.
+    """
+    folder = Path(folder)
+    cfg = read_saelens_config(folder)
+    state = _read_weights(folder)
+    arch = cfg.get("architecture", "standard")
+    if arch not in SUPPORTED:
+        raise SaelabError(
+            f"The SAELens SAE in {folder} has architecture '{arch}'; saelab reads {', '.join(SUPPORTED)}."
+        )
+    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    W_enc = _need(state, "W_enc", (d_in, d_sae), folder).clone()
+    b_enc = _need(state, "b_enc", (d_sae,), folder).clone()
+    W_dec = _need(state, "W_dec", (d_sae, d_in), folder).clone()
+    b_dec = _need(state, "b_dec", (d_in,), folder).clone()
+    norm = cfg.get("normalize_activations") or "none"
+    input_norm = _input_norm(norm, folder)
+    meta = dict(cfg.get("metadata") or {})
+    block = meta.pop("saelab", None)
+    block = block if isinstance(block, dict) else {}
+    target, k, extra, option_overrides = _saelab_form(arch, cfg, state, W_enc, b_enc, W_dec, folder)
 
     cls = sae_class(target)
     sae_fields = {f.name for f in dataclasses.fields(SAEConfig)}
@@ -302,84 +315,30 @@ def _option(sae: SAE, section: str, name: str, default: Any) -> Any:
 def saelens_state_and_config(sae: SAE) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The SAELens state dict (W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in],
     + threshold [d_sae] for jumprelu) and cfg.json dict of `sae`, computed on a folded copy (`sae` is unchanged).
-    Raises SaelabError for architectures SAELens cannot represent."""
-    arch = sae.architecture
-    if arch in UNREPRESENTABLE:
-        raise SaelabError(f"saelab's '{arch}' SAE cannot be saved in SAELens format: {UNREPRESENTABLE[arch]}.")
-    family = _option(sae, "threshold", "threshold_family", None)
-    if arch == "threshold" and family not in EXPORTED_THRESHOLDS:
+    The SAELens architecture follows the variant's inference_form; a SaelabError where it has none."""
+    form = sae.inference_form
+    if form not in SAELENS_OF_FORM:
         raise SaelabError(
-            f"saelab's '{family}' threshold SAE cannot be saved in SAELens format: its operator shrinks or jumps in "
-            f"a way no SAELens architecture computes (soft and hard thresholds can be)."
+            f"saelab's '{sae.architecture}' SAE cannot be saved in SAELens format: at inference its code is not "
+            "ReLU(x W_enc + b), a per-token top-k or a JumpReLU, the forms SAELens computes (see the variant's "
+            "docstring)."
         )
-    if arch not in ("relu", "jumprelu", "threshold", *TOPK_FAMILY, *JUMPRELU_AT_INFERENCE):
-        raise SaelabError(f"saelab does not know how to write its '{arch}' SAE in SAELens format.")
     if sae.cfg.input_norm not in NORMS_TO_SAELENS:
         raise SaelabError(f"saelab's input norm '{sae.cfg.input_norm}' has no SAELens normalize_activations.")
     saved = copy.deepcopy(sae).cpu().fold()
-    W_enc, b_enc = saved.W_enc.detach().clone(), saved.b_enc.detach().clone()
-    W_dec, b_dec = saved.W_dec.detach().clone(), saved.b_dec.detach().clone()
+    W_enc, W_dec, b_dec = saved.W_enc.detach().clone(), saved.W_dec.detach().clone(), saved.b_dec.detach().clone()
+    b_enc = (saved.relu_encoder_bias() if form == "relu" else saved.b_enc).detach().clone()
     state: dict[str, torch.Tensor] = {}
     fields: dict[str, Any] = {}
-    extra_meta: dict[str, Any] = {}
-    if arch == "relu":
-        sl_arch = "standard"
-    elif arch == "threshold":  # a = op(ReLU(z)) >= 0; see EXPORTED_THRESHOLDS
-        cutoff = saved.zero_below()
-        if family == "soft":
-            sl_arch = "standard"
-            b_enc -= cutoff
-        else:
-            sl_arch = "jumprelu"
-            state["threshold"] = torch.full_like(b_enc, cutoff)
-    elif arch in TOPK_FAMILY:  # gsae selects exactly as TopK at inference (no gradients)
-        sl_arch = TOPK_FAMILY[arch]
+    if form in ("topk", "abstopk"):
         if _option(saved, "topk", "rescale_by_decoder_norm", False):
             _fold_decoder_norms(W_enc, b_enc, W_dec)
         fields = {"k": int(saved.cfg.k), "rescale_acts_by_decoder_norm": False}
-    elif arch == "jumprelu":
-        sl_arch = "jumprelu"
-        state["threshold"] = saved.threshold.detach().clone()
-    else:  # batchtopk, choice: a = z * 1[z > theta]; SAELens' ReLU(z) * 1[z > theta] is the same for theta >= 0
-        sl_arch = "jumprelu"
-        theta = saved.threshold.detach().to(W_enc.dtype).expand(saved.d_sae).clone()
-        if bool((theta < 0).any()):
-            raise SaelabError(
-                f"This '{arch}' SAE has a negative inference threshold, which SAELens' JumpReLU (ReLU first) "
-                "cannot reproduce; train it further or raise the threshold to >= 0."
-            )
-        state["threshold"] = theta
-        if arch == "batchtopk":  # as SAELens' own BatchTopK inference save records it
-            extra_meta["training_architecture"] = "batchtopk"
-            extra_meta["training_architecture_details"] = {
-                "k": int(saved.cfg.k),
-                "rescale_acts_by_decoder_norm": bool(_option(saved, "topk", "rescale_by_decoder_norm", True)),
-                "topk_threshold_lr": float(_option(saved, "topk", "threshold_rate", 0.01)),
-            }
+    elif form == "jump":  # z 1[z > theta] is SAELens' ReLU(z) 1[z > theta] for theta >= 0
+        state["threshold"] = saved.jump_threshold().to(W_enc.dtype)
     state.update(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec)
-    state = {k: v.contiguous() for k, v in state.items()}
-
-    saelab_meta = {k: v for k, v in saved.metadata.items() if k not in ("saelens_metadata", "saelens_architecture")}
-    meta = dict(saved.metadata.get("saelens_metadata") or {})
-    meta.pop("training_architecture", None)  # re-derived below; stale ones would mislead the batchtopk detection
-    details = dict(meta.pop("training_architecture_details", None) or {})
-    meta["sae_lens_version"] = SAELENS_FORMAT_VERSION
-    meta.setdefault("sae_lens_training_version", SAELENS_FORMAT_VERSION)
-    hook = saelab_meta.get("hook", meta.get("hook_name"))
-    if saelab_meta.get("model") is not None:
-        meta["model_name"] = saelab_meta["model"]
-    if hook is not None:
-        meta["hook_name"] = hook
-    if extra_meta:
-        meta["training_architecture"] = extra_meta["training_architecture"]
-        meta["training_architecture_details"] = {**details, **extra_meta["training_architecture_details"]}
-    meta["saelab"] = {
-        "saelab_version": __version__,
-        "architecture": arch,
-        "sae": dataclasses.asdict(saved.cfg),
-        "options": {name: dataclasses.asdict(opt) for name, opt in saved.options.items()},
-        "metadata": saelab_meta,
-    }
+    meta = _saelens_metadata(saved)
+    hook = meta.get("hook_name")
     config = {
         "d_in": saved.d_in,
         "d_sae": saved.d_sae,
@@ -391,9 +350,41 @@ def saelens_state_and_config(sae: SAE) -> tuple[dict[str, torch.Tensor], dict[st
         "reshape_activations": "hook_z" if isinstance(hook, str) and hook.endswith("hook_z") else "none",
         "metadata": meta,
         **fields,
-        "architecture": sl_arch,
+        "architecture": SAELENS_OF_FORM[form],
     }
-    return state, config
+    return {k: v.contiguous() for k, v in state.items()}, config
+
+
+def _saelens_metadata(saved: SAE) -> dict[str, Any]:
+    """cfg.json's metadata for a folded SAE: SAELens' fields (those it was loaded with, if any, updated), BatchTopK's
+    training record as SAELens' own inference save writes it, and saelab's config under "saelab"."""
+    saelab_meta = {k: v for k, v in saved.metadata.items() if k not in ("saelens_metadata", "saelens_architecture")}
+    meta = dict(saved.metadata.get("saelens_metadata") or {})
+    meta.pop("training_architecture", None)  # re-derived below; stale ones would mislead the batchtopk detection
+    details = dict(meta.pop("training_architecture_details", None) or {})
+    meta["sae_lens_version"] = SAELENS_FORMAT_VERSION
+    meta.setdefault("sae_lens_training_version", SAELENS_FORMAT_VERSION)
+    hook = saelab_meta.get("hook", meta.get("hook_name"))
+    if saelab_meta.get("model") is not None:
+        meta["model_name"] = saelab_meta["model"]
+    if hook is not None:
+        meta["hook_name"] = hook
+    if saved.architecture == "batchtopk":
+        meta["training_architecture"] = "batchtopk"
+        meta["training_architecture_details"] = {
+            **details,
+            "k": int(saved.cfg.k),
+            "rescale_acts_by_decoder_norm": bool(_option(saved, "topk", "rescale_by_decoder_norm", True)),
+            "topk_threshold_lr": float(_option(saved, "topk", "threshold_rate", 0.01)),
+        }
+    meta["saelab"] = {
+        "saelab_version": __version__,
+        "architecture": saved.architecture,
+        "sae": dataclasses.asdict(saved.cfg),
+        "options": {name: dataclasses.asdict(opt) for name, opt in saved.options.items()},
+        "metadata": saelab_meta,
+    }
+    return meta
 
 
 def save_saelens(sae: SAE, folder: str | Path) -> Path:

@@ -1,20 +1,10 @@
 """Reaching a target L0 with no tuning: the L0 controller and per-latent quantile initialisation.
 
-The top-k family fixes its L0 by construction (k = --target-l0). Every other variant sets it through one
-coefficient (ReLU's L1 weight, JumpReLU's threshold scale, the threshold family's lambda, top-AFA's norm scale),
-whose right value depends on the data, the width and the run length. Two pieces make them all hit
---target-l0 by themselves:
+The variants that set their L0 through one coefficient (ReLU's L1 weight, JumpReLU's threshold scale, the threshold
+family's lambda, top-AFA's norm scale) start their thresholds at the target's quantile and adapt that coefficient by
+integral feedback on the log L0 of each training batch.
 
-- Quantile initialisation: thresholds (JumpReLU's theta, or -b_enc for ReLU-style encoders) start at each
-  latent's (1 - L0/n) quantile of its initial pre-activations, so the code has the target L0 from step 0 and
-  every latent fires on some tokens.
-- L0Controller: integral feedback on the log of the coefficient, each step
-      log c <- log c + sign * rate * clamp(log((L0_batch + 1) / (target + 1)), -1, 1)
-  (sign +1 where a larger coefficient means a sparser code). It is the coefficient's only state and lives in the
-  SAE, so checkpoints and data-parallel averaging carry it. It keeps adapting through the final learning-rate
-  decay: frozen there, top-AFA's k* drifted from 3 to 21 on a planted dictionary as its encoder kept shrinking.
-  When the SAE is saved, the coefficient it reached is written into its option and the controller is dropped:
-  a saved SAE records its fixed coefficient.
+Math, defaults and choices: docs/algorithms.md, section "Sparsity target".
 """
 
 from __future__ import annotations
@@ -43,7 +33,8 @@ class L0Controller(nn.Module):
 
     @torch.no_grad()
     def update(self, l0: float | torch.Tensor) -> None:
-        """One feedback step from the mean L0 of a training batch."""
+        """One feedback step from the mean L0 of a training batch:
+        log c <- log c + sign * rate * clamp(log((l0 + 1) / (target_l0 + 1)), -1, 1)."""
         error = math.log((float(l0) + 1) / (self.target_l0 + 1))
         self.log_value += self.sign * self.rate * max(-1.0, min(1.0, error))
 

@@ -1,26 +1,11 @@
 """Thresholding operators beyond ReLU (Rentzeperis et al. 2023, "Beyond l1 sparse coding in V1") and an SAE
 that uses them as its activation.
 
-Every operator is the proximal map of a separable penalty, applied elementwise to u (any shape):
+soft, hard, half (Xu et al. 2012), lq and CEL0 (Soubies et al. 2015), each the proximal map of a separable penalty,
+op(u) = argmin_a 1/2 (a - u)^2 + gamma * P(a) elementwise; `ThresholdSAE` codes with op(ReLU(z)) and trains with the
+sparse-coding objective whose proximal step that is.
 
-    op(u) = argmin_a  1/2 (a - u)^2 + gamma * P(a)           (one scalar problem per entry)
-
-with t = lambda * gamma for the families whose penalty is lambda * R(a):
-
-    family  P(a)                                      op(u)
-    soft    lambda |a|                                sign(u) (|u| - t)_+
-    hard    lambda 1[a != 0]                          u 1[|u| > sqrt(2t)]
-    half    lambda |a|^(1/2)                          Xu et al. (2012) closed form, zero for |u| <= 3/2 t^(2/3)
-    lq      lambda |a|^q, 0 < q < 1                   zero for |u| <= tau_q, else Newton on a + t q a^(q-1) = |u|
-    cel0    Phi_CEL0(a; lambda, ||d||)                sign(u) min(|u|, (|u| - sqrt(2 lambda) ||d|| gamma)_+ / (1 - ||d||^2 gamma))
-
-All are odd (op(-u) = -op(u)) with op(0) = 0. Soft and CEL0 are continuous; hard, half and lq jump at their
-threshold. Ties exactly at a threshold (two global minimisers) resolve to 0.
-
-Unrolling view (algorithms.md section 3): one proximal-gradient step from a = 0 on
-J(a) = 1/2 ||x - b - a D||^2 + sum_i P(a_i) with step gamma gives a = op(gamma (x - b) D^T); an SAE learns
-W_enc in place of gamma D^T. `ThresholdSAE` trains with exactly (a multiple of) J, so the activation and the
-loss belong to the same objective.
+Math, defaults and choices: docs/algorithms.md, section "Thresholds".
 """
 
 from __future__ import annotations
@@ -30,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from typing_extensions import override
 
 from saelab.config import Section, option
 from saelab.errors import SaelabError
@@ -238,7 +224,7 @@ class ThresholdSAE(SAE):
         a = op(ReLU(z))     t = lambda * gamma                  [batch, d_sae]   (non-negative codes)
         x_hat = a W_dec + b_dec                                 [batch, d_in]
 
-    Non-negative version: the operator is applied to ReLU(z) (algorithms.md section 11), so codes are >= 0;
+    Non-negative version: the operator is applied to ReLU(z), so codes are >= 0;
     for these odd operators this equals ReLU(op(z)).
 
     Loss (sum reduction): ||x - x_hat||^2 + 2 sum_i P(a_i), averaged over tokens, i.e. exactly
@@ -255,26 +241,31 @@ class ThresholdSAE(SAE):
     needed: the almost-everywhere derivative of the operator (1 on the support for hard; the closed form's or the
     implicit derivative for half / lq; 1/(1 - gamma) on CEL0's ramp) trains the encoder. The hard penalty
     lambda 1[a != 0] is piecewise constant, so it is logged but gives no gradient: for `hard` the threshold
-    sqrt(2t) alone sets sparsity. A learnt threshold would need the JumpReLU-style estimator (section 4).
+    sqrt(2t) alone sets sparsity. A learnt threshold would need the JumpReLU estimator
+    (docs/algorithms.md, section "JumpReLU").
     """
 
     architecture = "threshold"
+    summary = "soft, hard, half, lq or CEL0 thresholding"
     sections = (ThresholdConfig,)
     threshold_cfg: ThresholdConfig
     sparsity_coefficient = ("threshold", "threshold_lambda")
     refits_decoder = True
     sparse_code = True  # only entries above the operator's zero region are encoded, decoded and penalised
 
+    @override
     def initial_sparsity_coef(self) -> float:
         return 1.0
 
     @torch.no_grad()
+    @override
     def initialize_from_data(self, x_n: torch.Tensor) -> None:
         """x_n [n, d_in]: b_dec = geometric median; then b_enc = -(each latent's (1 - target_l0/d_sae) quantile of z),
         so ReLU(z) starts at the target L0 (the operator's threshold only removes more)."""
         super().initialize_from_data(x_n)
         self.b_enc.sub_(target_quantiles(self, x_n))
 
+    @override
     def validate(self) -> None:
         opt = self.threshold_cfg
         if opt.threshold_family not in FAMILIES:
@@ -293,18 +284,35 @@ class ThresholdSAE(SAE):
         opt = self.threshold_cfg
         return opt.threshold_family, float(self.sparsity_coef()), opt.threshold_gamma, opt.threshold_q
 
+    @property
+    @override
+    def inference_form(self) -> str | None:
+        """Soft: ReLU(z - t), a ReLU SAE; hard: z 1[z > sqrt(2t)], a jump; half, lq and CEL0 shrink past their jump."""
+        return {"soft": "relu", "hard": "jump"}.get(self.threshold_cfg.threshold_family)
+
+    @override
+    def relu_encoder_bias(self) -> torch.Tensor:
+        return self.b_enc - self.zero_below()
+
+    @override
+    def jump_threshold(self) -> torch.Tensor:
+        return torch.full_like(self.b_enc, self.zero_below()).detach()
+
     def zero_below(self) -> float:
         """The pre-activation at or below which every code entry is 0 (unit decoder rows: one value for all)."""
         return zero_below(*self._operator_args())
 
+    @override
     def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
         """z [batch, d_sae] -> the entries where op(ReLU(z)) is nonzero: z above the family's zero region."""
         return SparseLayout.from_mask(z > self.zero_below())
 
+    @override
     def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext) -> torch.Tensor:
         """a = op(ReLU(z)) at the kept entries [nnz], a >= 0 (same map in training and inference)."""
         return threshold_op(z_at.relu(), *self._operator_args())
 
+    @override
     def code_losses(
         self, encoder: EncoderPass, x_n: torch.Tensor, code: SparseCode, x_hat: torch.Tensor, ctx: StepContext
     ) -> dict[str, torch.Tensor]:

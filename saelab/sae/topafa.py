@@ -1,32 +1,11 @@
 """top-AFA SAE (Lee et al. 2025, "Evaluating and Designing Sparse Autoencoders by Approximating
 Quasi-Orthogonality", arXiv 2503.24277; official code SewoongLee/top-afa-sae, training/sae.py::TopAFASAE).
 
-Approximate Feature Activation: if the decoder rows are eps-quasi-orthogonal (|d_i . d_j| <= eps) and
-x - b_dec = sum_{i in S} a_i d_i, then ||a|| ~ ||x - b_dec||. top-AFA therefore picks, per token, the number of
-active latents k* whose (decoder-weighted) code norm best matches the input norm, instead of a fixed k:
+Per token, the number of active latents k* is the one whose decoder-weighted code norm best matches
+s * ||x - b_dec|| (s the norm scale, adapted to reach --target-l0); loss: normalised MSE + AuxK + the AFA term.
 
-    u   = ReLU(z)                                               [batch, d_sae]
-    q_i = (u_i ||d_i||)^2, sorted descending: q_(1) >= q_(2) >= ...
-    c_j = sqrt(sum_{r <= j} q_(r)),  c_{d_sae} := +inf        (so k* < d_sae)
-    k*  = argmin_j |c_j - ||x - b_dec|| | + 1                   [batch]   (1-based; first minimum on ties)
-    a   = u on the k* largest q, 0 elsewhere                    (gradients reach only the kept entries)
-
-Loss: normalised MSE (as TopK) + aux_coef * AuxK (as TopK) + afa_coef * AFA, with
-    AFA = sum_B (||a||_2 - ||x - b_dec||_2)^2 / sum_B ||x - mean_B(x)||^2        (b_dec detached)
-Two deliberate departures from the official code, whose term is mean_B (||a|| - ||x||)^2: the input norm is
-centred on b_dec, as the premise and the selection are (uncentred, on SmolLM2's residual stream, whose mean is
-large, the term asked for codes far larger than reconstruction needs and training FVU stayed near 1), and the
-term is divided by the batch variance as the MSE is, so afa_coef weighs it against the MSE whatever d_in and the
-input scale are.
-
-Sparsity target: k* matches the code norm to s * ||x - b_dec||. With --afa-norm-scale 0 (the default) s is
-adapted by the L0 controller (saelab.sae.sparsity) so that the mean k* is --target-l0; s = 1 is the paper's
-method. At the target the budget is spread by input norm, not by need: on SmolLM2 (blocks.15 residual, 8x,
-L0 32) half the tokens get a single latent and a tenth 72 or more, and held-out FVU is 0.39 against TopK's
-0.22 at the same mean L0 (afa_coef 0 reconstructs no better, so the selection, not the AFA term, costs it). The premise (a quasi-orthogonal decoder, so ||a|| ~ ||x - b_dec||) holds when there are fewer features
-than dimensions; under superposition the encoder shrinks and k* grows to every positive latent (see the class
-docstring), and the s that holds the target (below 1) measures how far the premise is off. The controller
-keeps adapting through the learning-rate decay: frozen there, k* drifted from 3 to 21 on a planted dictionary.
+Math, defaults and choices (the departures from the official code, and why it densifies under superposition):
+docs/algorithms.md, section "top-AFA".
 """
 
 from __future__ import annotations
@@ -36,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
+from typing_extensions import override
 
 from saelab.config import Section, option
 from saelab.errors import SaelabError
@@ -140,44 +120,31 @@ def decoder_coherence(W_dec: torch.Tensor, chunk_size: int = 1024) -> CoherenceS
 
 
 class TopAFASAE(TopKSAE):
-    """top-AFA SAE (sections aux, topk, afa). `--k` is not used: k* is chosen per token (see the module
-    docstring); AuxK, its dead-latent handling and the normalised MSE come from TopKSAE.
+    """top-AFA SAE (sections aux, topk, afa). `--k` is not used: k* is chosen per token (`afa_k`); AuxK, its
+    dead-latent handling and the normalised MSE come from TopKSAE.
 
     The selection needs ||x - b_dec|| besides z, so it reads both from the encoder pass (`select_entries`), in
     training and at inference; `activate(z)` (z alone) is refused and `afa_code(z, target_norm)` is the explicit
     form. Training is a sparse code, so it runs on the sparse kernels like TopK.
 
-    Differences from the official code (deliberate, shared with this package's TopK): b_enc exists (the
-    shared encoder; initialised to 0; the official TopAFASAE has none); pre_enc_bias is configurable (the
-    official always subtracts b_dec; the target is ||x - b_dec|| either way, since x_hat = a W_dec + b_dec);
-    AuxK is the OpenAI normalised form on the detached residual (official: aux_penalty * mean squared error).
-
-    Sparsity and feature recovery (measured; tests/test_sae_topafa.py). Nothing in the objective rewards a
-    small k*: the selection only asks sqrt(sum of the kept q) ~ ||x - b_dec||, and the AFA term only asks
-    ||a|| ~ ||x - b_dec||, so a code that spreads the same norm over many small activations satisfies both, and the MSE
-    prefers it whenever a sparse code from a linear + ReLU encoder cannot reconstruct exactly. The encoder then
-    shrinks until sum_i ReLU(z_i)^2 is not much more than ||x - b_dec||^2, where k* takes most of the positive
-    latents and the SAE is close to an unpenalised ReLU autoencoder. On a superposed planted dictionary (d=32,
-    96 unit features, about 2.9 active per token, d_sae=192, s = 1) L0 climbs to ~32 (~60% of the positive
-    latents kept), FVU ~0.054, MMCS ~0.50 (with the official uncentred AFA term: L0 ~60, ~95% kept); the official
-    formulation (no b_enc, plain mean MSE, kaiming init, Adam(0.9, 0.99), lr 3e-4 or 1e-3, afa_coeff 0 or
-    1/16) does the same (L0 46-86, MMCS 0.42-0.54), as do afa_coef 0-8, lr up to 3e-3, b_dec or b_enc frozen
-    and pre_enc_bias off. Even with W_dec frozen at the true dictionary the trained encoder reaches L0 ~40 at
-    FVU 0.05, whereas the sparse code TopK learns (MMCS 0.997) costs FVU ~0.10. The paper's GPT-2 top-AFA
-    SAEs are dense as well (L0 315-2344 of 12288). Without superposition (fewer features than dimensions,
-    e.g. d=64 with 32 random unit features, eps_max ~0.4) sparse nonnegative codes reconstruct exactly, and
-    top-AFA does recover the dictionary (MMCS > 0.99; L0 ~2-8x the true one, and falling as training goes on).
+    It differs from the official code on purpose (b_enc exists, pre_enc_bias is configurable, AuxK is the OpenAI
+    normalised form, the AFA term is centred on b_dec and normalised as the MSE), and under superposition its k*
+    grows to most positive latents: docs/algorithms.md, section "top-AFA".
     """
 
     architecture = "topafa"
+    summary = "a per-token k matching the input norm"
+    inference_form = None  # a per-token number of latents
     sections = (AuxConfig, TopKConfig, AFAConfig)
     afa_cfg: AFAConfig
     sparsity_coefficient = ("afa", "afa_norm_scale")
     sparsity_sign = -1  # a larger target norm keeps more latents
 
+    @override
     def initial_sparsity_coef(self) -> float:
         return 1.0  # the paper's norm matching, ||a|| ~ ||x - b_dec||
 
+    @override
     def validate(self) -> None:
         aux = self.aux_cfg
         if aux.k_aux < 0 or aux.aux_coef < 0 or aux.dead_tokens <= 0:
@@ -201,6 +168,7 @@ class TopAFASAE(TopKSAE):
         """z [batch, d_sae], target_norm [batch] -> (code [batch, d_sae], k* [batch])."""
         return afa_select(z.relu(), self.W_dec.detach().norm(dim=1), target_norm, self.rank_cap)
 
+    @override
     def activate(self, z: torch.Tensor, ctx: StepContext = INFERENCE) -> torch.Tensor:
         """Refused: z alone cannot fix k*."""
         raise SaelabError(
@@ -208,10 +176,12 @@ class TopAFASAE(TopKSAE):
             "sae.afa_code(z, sae.target_norm(x_n))."
         )
 
+    @override
     def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
         """Refused: z alone cannot fix k* (TopKSAE's select would silently use --k)."""
         self.activate(z)
 
+    @override
     def select_entries(self, encoder: EncoderPass, ctx: StepContext) -> SparseLayout:
         """Each token's top k* latents, k* matching s * ||x_n - b_dec|| (afa_k)."""
         if encoder.x_n is None:
@@ -219,6 +189,7 @@ class TopAFASAE(TopKSAE):
         u = encoder.z.relu()
         return afa_layout(u, self.W_dec.detach().norm(dim=1), self.target_norm(encoder.x_n), self.rank_cap)
 
+    @override
     def code_losses(self, encoder, x_n, code, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
         """AuxK (from TopKSAE) and afa_coef * sum_B (||a|| - ||x_n - b_dec||)^2 / sum_B ||x_n - mean(x_n)||^2
         (b_dec detached; normalised as the MSE is)."""

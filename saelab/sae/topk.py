@@ -1,13 +1,8 @@
-"""TopK SAE (Gao et al. 2024) with AuxK, and the helpers the top-k family shares.
+"""TopK SAE (Gao et al. 2024) with AuxK, and the helpers the top-k family shares (normalised MSE, top-k layouts).
 
-activate: keep the k largest selection scores per token (scores = z * ||d_i|| when rescale_by_decoder_norm,
-else z), apply ReLU to the kept pre-activations, zero the rest. Gradients reach only the kept entries.
+Code: ReLU(z) at the k best selection scores per token; loss: normalised MSE + aux_coef * AuxK on dead latents.
 
-Loss: normalised MSE, sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch (the fraction of variance
-unexplained), plus aux_coef * AuxK. AuxK: the top-k_aux pre-activations among dead latents reconstruct the
-detached residual e = x - x_hat; L_aux = ||e - e_hat||^2 / ||e - mean(e)||^2 (OpenAI `normalized_mse`),
-0 when nothing is dead. The top-k family normalises the MSE whatever --mse-reduction says: its only
-coefficient (aux_coef) is relative to a normalised main loss, as in the OpenAI and EleutherAI trainers.
+Math, defaults and choices: docs/algorithms.md, section "TopK".
 """
 
 from __future__ import annotations
@@ -17,6 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from typing_extensions import override
 
 from saelab.config import Section, option
 from saelab.errors import SaelabError
@@ -73,18 +69,20 @@ def topk_layout(scores: torch.Tensor, k: int) -> SparseLayout:
 
 
 class TopKSAE(SAE):
-    """TopK SAE: code a [batch, d_sae] keeps ReLU(z) at the k best selection scores per token (module docstring)."""
+    """TopK SAE: code a [batch, d_sae] keeps ReLU(z) at the k best selection scores per token
+    (docs/algorithms.md, "TopK")."""
 
     architecture = "topk"
+    summary = "the k largest per token"
+    inference_form = "topk"
     sections = (AuxConfig, TopKConfig)
     aux_cfg: AuxConfig
     topk_cfg: TopKConfig
-    # 5e-4 * (d_sae / 2**14) ** -0.5, 2.5x EleutherAI's long-run rule (2e-4). On SmolLM2 (4608 latents, k 32,
-    # batch 4096; this rule gives 9.4e-4 there) lr 1e-3 reached held-out FVU 0.112 / 0.086 / 0.061 after
-    # 120 / 244 / 967 steps against 0.166 / 0.113 / 0.074 for 2e-4's rule (3.8e-4), with no dead latents;
-    # 3e-3 was no better at 967 steps and left 2.1% dead (6e-3: 21%). BENCHMARKS.md, "TopK learning rate".
+    # 5e-4 * (d_sae / 2**14) ** -0.5, 2.5x EleutherAI's long-run rule (2e-4); the measurements behind it:
+    # docs/algorithms.md, "Notation and shared conventions" (BENCHMARKS.md, "TopK learning rate").
     default_lr = 5e-4
 
+    @override
     def validate(self) -> None:
         if not 0 < self.cfg.k <= self.d_sae:
             raise SaelabError(f"--k must be between 1 and d_sae={self.d_sae} (got {self.cfg.k}).")
@@ -105,12 +103,15 @@ class TopKSAE(SAE):
 
     sparse_code = True
 
+    @override
     def select(self, z: torch.Tensor, ctx: StepContext) -> SparseLayout:
         return topk_layout(self.selection_scores(z, ctx), self.cfg.k)
 
+    @override
     def values_at(self, z_at: torch.Tensor, layout: SparseLayout, ctx: StepContext) -> torch.Tensor:
         return z_at.relu()
 
+    @override
     def reconstruction_loss(self, x_n: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return normalized_mse(x_n, x_hat, ctx.batch_variance)
 
@@ -134,5 +135,6 @@ class TopKSAE(SAE):
         aux_code = SparseCode(layout, self.values_at(encoder.at(layout), layout, INFERENCE))
         return normalized_mse(residual, encoder.decode(aux_code), batch_variance).nan_to_num(0.0)
 
+    @override
     def code_losses(self, encoder, x_n, code, x_hat, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {"auxk": self.aux_cfg.aux_coef * self.auxk_loss(encoder, x_n, x_hat, ctx.dead, ctx.batch_variance)}

@@ -102,6 +102,57 @@ def shutdown(world: World) -> None:
         dist.destroy_process_group()
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Every choice that depends on this process's place in the job, made once (`place`).
+
+    part:       (rank, ranks): the slice of each global batch this process reads ((0, 1): all of it)
+    writes:     whether it writes checkpoints, metrics and SAEs (rank 0; with a module split, every rank its own)
+    checkpoint: its checkpoint's file name; metrics: its metrics file's name
+    replicate:  whether each SAE trains as a data-parallel Replica
+    model_device: where a live harvest runs the model (this rank's GPU), or None for --device as given
+    """
+
+    world: World
+    part: tuple[int, int]
+    writes: bool
+    checkpoint: str
+    metrics: str
+    replicate: bool
+    model_device: str | None
+
+    def my_runs(self, sizes: list[int]) -> list[int]:
+        """Indices of the runs this process trains, of runs with `sizes` (parameters): all of them, or its share of
+        a module split (`assign_runs`)."""
+        if self.world.mode != MODULES:
+            return list(range(len(sizes)))
+        return [i for i, rank in enumerate(assign_runs(sizes, self.world.size)) if rank == self.world.rank]
+
+
+def place(world: World, batch_size: int, n_runs: int, checkpoint: str, metrics: str) -> Placement:
+    """The Placement of this process for `n_runs` runs on global batches of `batch_size` tokens; `checkpoint` and
+    `metrics` are the single-process file names (a module split's ranks write `<stem>.rank<r><suffix>`)."""
+    if world.mode == DATA and batch_size % world.size:
+        raise SaelabError(
+            f"--batch-size {batch_size} (the global batch) does not split into {world.size} equal slices, one per "
+            f"process; use a multiple of {world.size}."
+        )
+    if world.mode == MODULES and n_runs < world.size:
+        raise SaelabError(
+            f"--distribute-modules shares {n_runs} run(s) (hooks x sweep entries) among {world.size} processes; "
+            f"start at most {n_runs} (torchrun --nproc_per_node), or use --distributed to split batches instead."
+        )
+    split = world.mode == MODULES
+
+    def own(name: str) -> str:
+        stem, _, suffix = name.partition(".")
+        return f"{stem}.rank{world.rank}.{suffix}" if split else name
+
+    return Placement(world, (world.rank, world.size) if world.mode == DATA else (0, 1), world.main or split,
+                     own(checkpoint), own(metrics), world.mode == DATA,
+                     str(world.device) if world.device.type == "cuda" else None)
+
+
 def assign_runs(sizes: list[int], ranks: int) -> list[int]:
     """Rank of each run, balancing the sum of `sizes` (e.g. parameters) per rank: largest runs first, each to
     the least-loaded rank (lowest rank on ties). Every rank gets at least one run when len(sizes) >= ranks."""
@@ -194,4 +245,5 @@ class Replica:
         return float(parts[0] / parts[1].clamp_min(1e-12))
 
 
-__all__ = ["DATA", "MODULES", "SINGLE", "Replica", "World", "assign_runs", "global_variance", "launch", "shutdown"]
+__all__ = ["DATA", "MODULES", "SINGLE", "Placement", "Replica", "World", "assign_runs", "global_variance", "launch",
+           "place", "shutdown"]

@@ -11,6 +11,7 @@ import signal
 import threading
 
 from saelab.errors import Interrupted
+from typing import Self
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -22,7 +23,7 @@ class StopSignals:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> StopSignals:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
         return self

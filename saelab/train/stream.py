@@ -32,6 +32,7 @@ from saelab.config import CacheCommand, CacheConfig
 from saelab.data import token_contexts
 from saelab.errors import SaelabError
 from saelab.train.command import TrainCommand
+from typing import Self
 
 LIVE = "none"
 
@@ -177,7 +178,7 @@ class Prefetcher:
         while not self._queue.empty():  # release the batches (and their device memory) nobody will take
             self._queue.get_nowait()
 
-    def __enter__(self) -> Prefetcher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -20,21 +20,18 @@ rank 0 merges the metrics into `metrics.jsonl` (the lines a single process would
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import io
 import json
 import re
 import signal
-import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from saelab.activations import ActivationBatch
 from saelab.activations.cache import write_atomic
@@ -45,11 +42,12 @@ from saelab.locking import FolderLock
 from saelab.sae.base import SAE, StepContext
 from saelab.sae.io import save_sae
 from saelab.sae.refit import refit_decoder
-from saelab.sae.registry import SAE_SECTIONS, create_sae, sae_class
+from saelab.sae.registry import create_sae, sae_class, sae_sections
 from saelab.train.command import TrainCommand
-from saelab.train.distributed import DATA, MODULES, Replica, World, assign_runs, launch, shutdown
+from saelab.train.distributed import MODULES, Replica, World, launch, place, shutdown
 from saelab.train.history import LATENT_HISTORY, LatentRecorder
 from saelab.train.interrupt import StopSignals
+from saelab.train.log import TrainingLog, start_wandb
 from saelab.train.resample import resample_dead_latents
 from saelab.train.step import train_step
 from saelab.train.stream import Prefetcher, open_stream
@@ -76,7 +74,7 @@ class RunSpec:
 
 
 def _option_owner(cmd: TrainCommand, key: str) -> tuple[str, type]:
-    for name in SAE_SECTIONS:
+    for name in sae_sections():
         section = getattr(cmd, name)
         hints = typing.get_type_hints(type(section))
         if key in hints:
@@ -118,7 +116,7 @@ def plan_runs(cmd: TrainCommand) -> list[RunSpec]:
     for hook in cmd.harvest.hooks:
         for entry in entries:
             parsed = parse_sweep_entry(cmd, entry)
-            sections = {name: copy.deepcopy(getattr(cmd, name)) for name in SAE_SECTIONS}
+            sections = {name: copy.deepcopy(getattr(cmd, name)) for name in sae_sections()}
             train = copy.deepcopy(cmd.train)
             for key, (section, _, value) in parsed.items():
                 setattr(train if section == "train" else sections[section], key, value)
@@ -146,7 +144,7 @@ class Run:
 
     def __init__(self, spec: RunSpec, d_in: int, metadata: dict, seed: int, device: torch.device | None = None):
         self.spec = spec
-        options = {name: spec.sections[name] for name in SAE_SECTIONS if name != "sae"}
+        options = {name: spec.sections[name] for name in sae_sections() if name != "sae"}
         with torch.random.fork_rng():  # the init is a function of --seed alone (same for every sweep entry)
             torch.manual_seed(seed)
             self.sae: SAE = create_sae(d_in, spec.sections["sae"], options, {"hook": spec.hook, **metadata})
@@ -301,65 +299,63 @@ class Trainer:
             raise
 
     def _setup(self, cmd: TrainCommand, model, progress: bool, world: World) -> None:
-        self.world = world
-        if world.device.type == "cuda":  # a live harvest runs on this rank's GPU too
-            cmd = dataclasses.replace(cmd, model=dataclasses.replace(cmd.model, device=str(world.device)))
-        self.cmd, self.progress = cmd, progress and world.main
-        self.out = Path(cmd.train.out)
-        specs = plan_runs(cmd)
+        self.all_specs = plan_runs(cmd)
         self.total_steps = cmd.train.train_tokens // cmd.train.batch_size
         if self.total_steps < 1:
             raise SaelabError(f"--train-tokens ({cmd.train.train_tokens}) is less than one batch ({cmd.train.batch_size}).")
-        if world.mode == DATA and cmd.train.batch_size % world.size:
-            raise SaelabError(
-                f"--batch-size {cmd.train.batch_size} (the global batch) does not split into {world.size} equal slices, "
-                f"one per process; use a multiple of {world.size}."
-            )
-        if world.mode == MODULES and len(specs) < world.size:
-            raise SaelabError(
-                f"--distribute-modules shares {len(specs)} run(s) (hooks x sweep entries) among {world.size} processes; "
-                f"start at most {len(specs)} (torchrun --nproc_per_node), or use --distributed to split batches instead."
-            )
-        # Files this rank writes: all of them on rank 0; with --distribute-modules, each rank those of its runs.
-        self.writes = world.main or world.mode == MODULES
+        self.placement = place(world, cmd.train.batch_size, len(self.all_specs), CHECKPOINT, METRICS)
+        if self.placement.model_device is not None:
+            cmd = dataclasses.replace(cmd, model=dataclasses.replace(cmd.model, device=self.placement.model_device))
+        self.cmd, self.world, self.progress = cmd, world, progress and world.main
+        self.out = Path(cmd.train.out)
+        self.writes = self.placement.writes
         self.lock = FolderLock(self.out) if world.main else None  # held until fit() returns: one writer per --out
-        split = world.mode == MODULES
-        self.checkpoint = self.out / (f"checkpoint.rank{world.rank}.pt" if split else CHECKPOINT)
-        self.metrics = self.out / (f"metrics.rank{world.rank}.jsonl" if split else METRICS)
-        if any(self.out.glob("checkpoint*.pt")) and not cmd.train.resume:
-            raise SaelabError(
-                f"{self.out} already holds a training checkpoint. Pass --resume to continue it, or choose another --out."
-            )
-        if cmd.train.resume and not any(self.out.glob("checkpoint*.pt")):
-            raise SaelabError(f"Nothing to resume: {self.checkpoint} does not exist. Drop --resume to start a new run.")
+        self.checkpoint, self.metrics = self.out / self.placement.checkpoint, self.out / self.placement.metrics
+        self._check_checkpoint_matches_resume()
         world.barrier()  # no rank writes a checkpoint before every rank has looked for one
-        need_grads = any(sae_class(spec.sections["sae"].architecture).needs_lm_grads for spec in specs)
-        hooks = list(dict.fromkeys(spec.hook for spec in specs))
-        part = (world.rank, world.size) if world.mode == DATA else (0, 1)
-        self.stream = open_stream(cmd, hooks, need_grads, model=model, progress=self.progress, part=part,
-                                  processes=world.size)
-        self.all_specs = specs
-        if split:
-            sizes = [(s.sections["sae"].d_sae or s.sections["sae"].expansion * self.stream.dims[s.hook])
-                     * self.stream.dims[s.hook] for s in specs]
-            specs = [spec for spec, rank in zip(specs, assign_runs(sizes, world.size)) if rank == world.rank]
-            self.stream.keep_hooks(list(dict.fromkeys(spec.hook for spec in specs)))
-        self.specs = specs
+        self.stream = self._open_stream(model)
         metadata = {"model": cmd.model.model, "source": self.stream.description, **self.stream.provenance}
-        self.runs = [Run(spec, self.stream.dims[spec.hook], metadata, cmd.data.seed, world.device) for spec in specs]
+        self.runs = [Run(spec, self.stream.dims[spec.hook], metadata, cmd.data.seed, world.device) for spec in self.specs]
         self.start_step = 0
         self.resample_events: list[tuple[str, int, int]] = []  # (run, after step, latents resampled)
         if cmd.train.resume and self.checkpoint.exists():
             self._load_checkpoint(self.checkpoint)
         else:  # a new run, or a --distribute-modules rank stopped before its first checkpoint: start its runs over
-            if self.writes and self.metrics.exists():
-                self.metrics.unlink()
-            sample = self.stream.sample(cmd.train.init_tokens)
-            for run in self.runs:
-                run.initialize(sample)
-        if world.mode == DATA:
+            self._initialize_runs()
+        if self.placement.replicate:
             for run in self.runs:
                 run.replica = Replica(run.sae, world)
+
+    def _check_checkpoint_matches_resume(self) -> None:
+        """A checkpoint in --out needs --resume, and --resume needs one."""
+        found = any(self.out.glob("checkpoint*.pt"))
+        if found and not self.cmd.train.resume:
+            raise SaelabError(
+                f"{self.out} already holds a training checkpoint. Pass --resume to continue it, or choose another --out."
+            )
+        if self.cmd.train.resume and not found:
+            raise SaelabError(f"Nothing to resume: {self.checkpoint} does not exist. Drop --resume to start a new run.")
+
+    def _open_stream(self, model):
+        """The activation stream of every hook this process's runs read (sets self.specs, those runs)."""
+        specs = self.all_specs
+        need_grads = any(sae_class(spec.sections["sae"].architecture).needs_lm_grads for spec in specs)
+        stream = open_stream(self.cmd, list(dict.fromkeys(spec.hook for spec in specs)), need_grads, model=model,
+                             progress=self.progress, part=self.placement.part, processes=self.world.size)
+        sizes = [(s.sections["sae"].d_sae or s.sections["sae"].expansion * stream.dims[s.hook]) * stream.dims[s.hook]
+                 for s in specs]
+        self.specs = [specs[i] for i in self.placement.my_runs(sizes)]
+        if len(self.specs) < len(specs):
+            stream.keep_hooks(list(dict.fromkeys(spec.hook for spec in self.specs)))
+        return stream
+
+    def _initialize_runs(self) -> None:
+        """A fresh start: drop old metrics and initialise every run from one sample."""
+        if self.writes and self.metrics.exists():
+            self.metrics.unlink()
+        sample = self.stream.sample(self.cmd.train.init_tokens)
+        for run in self.runs:
+            run.initialize(sample)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _save_checkpoint(self, step: int) -> None:
@@ -414,49 +410,27 @@ class Trainer:
                 self.lock.release()
 
     def _fit(self) -> list[Path]:
+        """The loop: step every run on each batch, then resample, checkpoint and look for a stop signal."""
         train = self.cmd.train
         self.out.mkdir(parents=True, exist_ok=True)
         if self.world.main:
             (self.out / "config.json").write_text(json.dumps(to_dict(self.cmd), indent=2))
-        wandb_run = _start_wandb(self.cmd, self.out) if train.wandb and self.world.main else None
-        step = self.start_step
-        bar = tqdm(total=self.total_steps, initial=step, unit="step", desc=f"training {len(self.runs)} SAE(s)",
-                   disable=not self.progress)
-        started = time.time()
-        since, waited = time.perf_counter(), 0.0  # start of the current log interval, data wait before it
-        stepped, stopped_by = 0, None  # stepped: runs that have stepped on the current batch (0 between steps)
+        wandb_run = start_wandb(to_dict(self.cmd), self.out) if train.wandb and self.world.main else None
+        step, stopped_by = self.start_step, None
+        self.stepped = 0  # runs that have stepped on the current batch (0 once the step, resampling included, is done)
         try:
-            with (bar, (open(self.metrics, "a") if self.writes else contextlib.nullcontext()) as log,
-                  Prefetcher(self.stream.batches(self.start_step), self.world.device) as batches, StopSignals() as stop):
+            with (TrainingLog(self.metrics if self.writes else None, wandb_run, self.total_steps, step, train.log_every,
+                              train.batch_size, len(self.runs), self.progress) as log,
+                  Prefetcher(self.stream.batches(step), self.world.device) as batches, StopSignals() as stop):
                 for batch in batches:
                     if step >= self.total_steps:
                         break
-                    is_log_step = step % train.log_every == 0 or step == self.total_steps - 1
-                    if is_log_step:  # data_wait: the share of the interval since the last log step spent waiting
-                        now = time.perf_counter()
-                        data_wait = round((batches.wait_seconds - waited) / max(now - since, 1e-9), 4)
-                        since, waited = now, batches.wait_seconds
-                    for run in self.runs:
-                        metrics = run.step(batch, step, self.total_steps, is_log_step)
-                        if metrics is not None and log is not None:
-                            record = {"step": step, "tokens": (step + 1) * train.batch_size, "run": run.spec.name,
-                                      "seconds": round(time.time() - started, 2), **metrics, "data_wait": data_wait}
-                            log.write(json.dumps(record) + "\n")
-                            if wandb_run is not None:
-                                wandb_run.log({f"{run.spec.name}/{k}": v for k, v in record.items()}, step=step)
-                            bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
-                        stepped += 1
-                    if is_log_step and log is not None:
-                        log.flush()  # so `tail -f metrics.jsonl` shows progress
+                    log.begin_step(step, batches.wait_seconds)
+                    self._step_runs(batch, step, log)
                     step += 1
-                    bar.update(1)
-                    for run in self.runs:
-                        if run.resample_due(step):
-                            count = run.resample(self.stream.sample(train.init_tokens, draw=step), step)
-                            self.resample_events.append((run.spec.name, step, count))
-                            if self.writes:
-                                bar.write(f"{run.spec.name}: resampled {count} dead latents after step {step}")
-                    stepped = 0
+                    log.end_step(step - 1)
+                    self._resample_due_runs(step, log)
+                    self.stepped = 0
                     if step % train.checkpoint_every == 0:
                         self._save_checkpoint(step)
                     if self.world.any(stop.received is not None):  # every rank stops after the same step
@@ -470,15 +444,31 @@ class Trainer:
                 "start again; --resume would continue with the same settings."
             ) from exc
         except KeyboardInterrupt:  # a second signal, mid-step: a checkpoint here is consistent only before any run stepped
-            if stepped == 0:
+            if self.stepped == 0:
                 self._save_checkpoint(step)
             raise
         self._save_checkpoint(step)
         if stopped_by is not None:
             raise Interrupted(stopped_by, self._stopped_message(step, stopped_by))
-        if wandb_run is not None:
-            wandb_run.finish()
+        log.finish()
         return self._finish(step)
+
+    def _step_runs(self, batch: ActivationBatch, step: int, log: TrainingLog) -> None:
+        """One optimiser step of every run on `batch`, logging their metrics at log steps."""
+        for run in self.runs:
+            metrics = run.step(batch, step, self.total_steps, log.is_log_step(step))
+            if metrics is not None:
+                log.record(step, run.spec.name, metrics)
+            self.stepped += 1
+
+    def _resample_due_runs(self, steps_done: int, log: TrainingLog) -> None:
+        """Resample the dead latents of the runs whose schedule asks for it after `steps_done` steps."""
+        for run in self.runs:
+            if run.resample_due(steps_done):
+                count = run.resample(self.stream.sample(self.cmd.train.init_tokens, draw=steps_done), steps_done)
+                self.resample_events.append((run.spec.name, steps_done, count))
+                if self.writes:
+                    log.note(f"{run.spec.name}: resampled {count} dead latents after step {steps_done}")
 
     def _stopped_message(self, step: int, signum: int) -> str:
         name = signal.Signals(signum).name
@@ -523,14 +513,6 @@ class Trainer:
                  for line in (self.out / f"metrics.rank{rank}.jsonl").read_text().splitlines()]
         lines.sort(key=lambda line: (json.loads(line)["step"], order[json.loads(line)["run"]]))
         write_atomic(self.out / METRICS, "".join(line + "\n" for line in lines).encode())
-
-
-def _start_wandb(cmd: TrainCommand, out: Path):
-    try:
-        import wandb
-    except ImportError as exc:
-        raise SaelabError("--wandb needs the wandb package: pip install wandb (WANDB_MODE=offline logs locally).") from exc
-    return wandb.init(project="saelab", dir=str(out), config=to_dict(cmd))
 
 
 def write_training_curves(metrics: Path, html: Path) -> None:
