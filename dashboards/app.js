@@ -119,6 +119,7 @@ var saelab = (function () {
 
     var metrics = clear(document.getElementById("metrics"));
     var facts = [["latents in this dashboard", summary.n_features], ["signed activations", summary.signed ? "yes" : "no"]];
+    if (summary.selection) facts.splice(1, 0, ["chosen by", summary.selection]);
     facts.concat(flatten(summary.metrics || {}, "", [])).forEach(function (kv) {
       metrics.appendChild(el("tr", {}, [el("th", { text: kv[0] }), el("td", { text: fmt(kv[1]) })]));
     });
@@ -227,26 +228,65 @@ var saelab = (function () {
     return "data/features_" + String(Math.floor(id / chunkSize)).padStart(4, "0") + ".js";
   }
 
+  /* The command that builds pages for latents `ids`: this dashboard's own command (summary.build_command, written
+     by `saelab dashboard`) completed with the selection of those latents, into a folder of their own (`out`). */
+  function buildCommand(summary, ids, out) {
+    var start = summary.build_command || "saelab dashboard --sae SAE_FOLDER --cache CACHE";
+    return start + " --select ids --features " + ids.join(" ") + " --out " + out;
+  }
+
+  /* A page that cannot show a latent says why, with a way back to the index; no data file is requested. */
+  function explain(status, sentence, summary, id) {
+    clear(status);
+    status.appendChild(document.createTextNode(sentence + " "));
+    status.appendChild(el("a", { href: "index.html", text: "Back to the index of the latents this dashboard has." }));
+    if (id !== undefined) {
+      status.appendChild(el("br"));
+      status.appendChild(document.createTextNode("To build a page for it: "));
+      status.appendChild(el("code", { text: buildCommand(summary, [id], "dashboard_" + id) }));
+    }
+  }
+
   function renderFeature() {
     var summary = window.SAELAB_SUMMARY;
     var rows = indexRows();
     var raw = new URLSearchParams(location.search).get("id");
     var status = document.getElementById("status");
     if (raw === null && rows.length) raw = String(rows[0].id);
-    if (raw === null || !/^[0-9]+$/.test(raw)) {
-      status.textContent = "No latent id given: open this page as feature.html?id=N.";
+    if (raw === null) {
+      explain(status, "No latent id given: open this page as feature.html?id=N.", summary);
+      return;
+    }
+    if (!/^[0-9]+$/.test(raw)) {
+      explain(status, "\u201c" + raw + "\u201d is not a latent number: open this page as feature.html?id=N, " +
+              "N a latent id such as " + (rows.length ? rows[0].id : 0) + ".", summary);
       return;
     }
     var id = parseInt(raw, 10);
     header(summary);
+    /* The index lists every latent the site holds, so a latent outside it is explained without asking for a
+       chunk file that may not exist (a failed script load is a console error). */
+    if (!rows.some(function (row) { return row.id === id; })) {
+      if (summary.d_sae && id >= summary.d_sae) {
+        explain(status, "Latent " + id + " does not exist: this SAE has latents 0 to " + fmt(summary.d_sae - 1) + ".",
+                summary);
+      } else {
+        explain(status, "Latent " + id + " has no page in this dashboard.", summary, id);
+      }
+      return;
+    }
     var script = document.createElement("script");
     script.charset = "utf-8";
     script.src = chunkFile(id, summary.chunk_size);
     script.onload = function () {
       if (features[id]) showFeature(features[id], summary, rows);
-      else status.textContent = "Latent " + id + " is not in this dashboard.";
+      else explain(status, "Latent " + id + " is listed in the index but missing from its data file; " +
+                   "rebuild the dashboard.", summary);
     };
-    script.onerror = function () { status.textContent = "Latent " + id + " is not in this dashboard."; };
+    script.onerror = function () {
+      explain(status, "The data file " + script.getAttribute("src") + " of latent " + id + " is missing; " +
+              "rebuild the dashboard.", summary);
+    };
     document.head.appendChild(script);
   }
 
@@ -340,15 +380,30 @@ var saelab = (function () {
       right.appendChild(section("Logit effects", [el("p", { className: "muted",
         text: "Not available: the model has no unembedding (encoder) or the dashboard was built without one." })]));
     }
-    var neighbours = el("table", { className: "neighbours" }, f.neighbours.map(function (pair) {
-      var other = byId[pair[0]];
+    /* Each neighbour is [id, cosine, top tokens]; only neighbours with a page here are links. */
+    var unbuilt = [];
+    var neighbours = el("table", { className: "neighbours" }, f.neighbours.map(function (entry) {
+      var other = byId[entry[0]];
+      var tokens = entry.length > 2 ? entry[2] : (other ? other.top_tokens.slice(0, 5) : []);
+      if (!other) unbuilt.push(entry[0]);
+      var cells = tokens.length ? tokens.map(tokenChip) : [el("span", { className: "muted", text: "never fired" })];
       return el("tr", {}, [
-        el("td", { className: "num" }, [other ? featureLink(pair[0]) : el("span", { text: String(pair[0]) })]),
-        el("td", { className: "num", text: fmt(pair[1]) }),
-        el("td", { className: "tokens" }, other ? other.top_tokens.slice(0, 5).map(tokenChip) : []),
+        el("td", { className: "num" }, [other ? featureLink(entry[0])
+          : el("span", { className: "unbuilt", text: String(entry[0]),
+                         title: "No page in this dashboard. Build one: " +
+                                buildCommand(summary, [entry[0]], "dashboard_" + entry[0]) })]),
+        el("td", { className: "num", text: fmt(entry[1]) }),
+        el("td", { className: "tokens" }, cells.concat(other ? [] : [el("span", { className: "muted", text: " (no page)" })])),
       ]);
     }));
-    right.appendChild(section("Nearest latents (decoder cosine)", [neighbours]));
+    var neighbourParts = [neighbours];
+    if (unbuilt.length) {
+      neighbourParts.push(el("p", { className: "muted note" }, [
+        "Latents marked \u201cno page\u201d are not in this dashboard; build pages for them with ",
+        el("code", { text: buildCommand(summary, unbuilt, "dashboard_near_" + f.id) }), ".",
+      ]));
+    }
+    right.appendChild(section("Nearest latents (decoder cosine)", neighbourParts));
     var heads = null;
     if (f.heads) {
       heads = el("div", { id: "heads", className: "plot" });

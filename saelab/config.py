@@ -552,14 +552,49 @@ class DashboardConfig(Section):
         "", "SAE to build the dashboard for (saelab, SAELens, sparsify, Gemma Scope, dictionary_learning, hf:...)."
     )
     cache: str = option("runs/cache", "Activation cache holding the SAE's hook; examples come from its tokens.")
-    n_features: int = option(0, "Only the first N latents (0: all of them).", min=0)
-    features: list[int] = option([], "Only these latent ids, e.g. 3 17 4096 (overrides --n-features).", min=0)
+    select: str = option(
+        "first",
+        "Which latents get pages: first (ids 0..N-1), random (N ids drawn with --seed), densest (the N that fire on "
+        "the most scanned tokens, counted in a pre-pass that encodes those tokens once more, so the build takes up to "
+        "twice as long), ids (the --features list) or token (the N that list --token among their top tokens, as the "
+        "index shows them, most of their --top-k top activations on it first; found by the same kind of pre-pass). "
+        "N is --n-features.",
+        choices=("first", "random", "densest", "ids", "token"),
+    )
+    n_features: int = option(
+        0, "How many latents --select picks (0: all of them; with --select token, all that have the token).", min=0
+    )
+    features: list[int] = option(
+        [], "Latent ids for --select ids, e.g. 5789 12 (--features alone implies --select ids).", min=0
+    )
+    token: str = option(
+        "", "The token for --select token, spelt as the tokenizer decodes it, leading space included, e.g. ' LORD'."
+    )
+    seed: int = option(0, "Seed of --select random and of the quantile examples' random draw.")
     n_tokens: int = option(0, "Tokens of the cache to scan for examples and densities (0: all of them).", min=0)
     top_k: int = option(20, "Top-activating examples shown per latent.", min=1)
     quantile_examples: int = option(5, "Examples per activation-quantile bin.", min=0)
     out: str = option(
         "", "Folder for the static site (index.html, feature.html, data/); empty: <sae>/dashboard.", check=check_folder
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.features and self.select == "first":
+            self.select = "ids"  # --features alone, as before --select existed
+        if self.select == "ids" and not self.features:
+            raise SaelabError("--select ids needs the latent ids: add them with --features, e.g. --features 5789 12.")
+        if self.features and self.select != "ids":
+            raise SaelabError(
+                f"--features lists latent ids for --select ids, but --select is {self.select}; drop --features or "
+                "use --select ids."
+            )
+        if self.select == "token" and not self.token:
+            raise SaelabError("--select token needs the token: add it with --token, e.g. --token ' LORD'.")
+        if self.token and self.select != "token":
+            raise SaelabError(
+                f"--token is for --select token, but --select is {self.select}; drop --token or use --select token."
+            )
 
 
 @dataclass
@@ -586,7 +621,7 @@ class SteerConfig(Section):
     mode: str = option("add", "add, clamp or project.", choices=("add", "clamp", "project"))
     prompt: str = option("In the beginning", "Prompt to complete (BOS is prepended).")
     positions: str = option("all", "Where to steer: all, prompt, generated, or a position p (p and later).")
-    max_new_tokens: int = option(32, "Tokens to generate per completion.", min=0)
+    max_new_tokens: int = option(32, "Tokens to generate per completion.", min=1)
     temperature: float = option(0.0, "0: greedy decoding; above 0: sampling at this temperature (seeded).", min=0)
     n: int = option(1, "Completions per setting (differ only when sampling).", min=1)
     seed: int = option(0, "Sampling seed (the same for baseline and steered runs).")

@@ -237,11 +237,20 @@ def generate(
     top_k: int | None = None,
     n: int = 1,
     seed: int = 0,
+    progress: Any = None,
 ) -> list[str]:
     """n completions of `prompt` (the new text only), greedy at temperature 0, else sampled (seeded).
 
+    progress: anything with update(k) (a tqdm bar), told of every step (one generated token per completion);
+    it is told of the steps left when every completion has ended early.
+
     Every step reruns the whole sequence (no KV cache), so "prompt" / "generated" / int positions mean the same
-    token positions at every step."""
+    token positions at every step. A KV cache would be exact here (each intervention edits a position from that
+    position's activation alone, and attention is causal), but TransformerBridge 4.3 cannot reuse one with
+    transformers 5: its attention bridge reads the cache from the `past_key_values` / `layer_past` keyword while
+    transformers 5 passes it as `cache`, so the cache is never filled and a cached step attends to the new token
+    alone (the bridge's own `generate(use_past_kv_cache=True)` then produces garbage); TL-native models
+    (tiny-native) return no cache at all."""
     if max_new_tokens < 1 or n < 1:
         raise SaelabError("max_new_tokens and n must be at least 1.")
     tokens = to_tokens(model, prompt).expand(n, -1)
@@ -249,7 +258,7 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     eos = model.tokenizer.eos_token_id
     finished = torch.zeros(n, dtype=torch.bool)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = steered_logits(model, tokens, sae, interventions, prompt_length)[:, -1].cpu()
         if temperature > 0:
             logits = logits / temperature
@@ -261,6 +270,8 @@ def generate(
         next_token[finished] = eos if eos is not None else next_token[finished]
         tokens = torch.cat([tokens, next_token[:, None].to(tokens.device)], dim=1)
         finished |= next_token == eos
+        if progress is not None:
+            progress.update(1 if not finished.all() else max_new_tokens - step)
         if finished.all():
             break
     return [model.tokenizer.decode(row[prompt_length:], skip_special_tokens=True) for row in tokens.cpu()]

@@ -56,11 +56,13 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    """A page that records every request and every script error (both checked after the test body)."""
+    """A page that records every request, every script error and every console error (a failed file load logs one),
+    all checked after the test body."""
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     page.requests, page.errors = [], []
     page.on("request", lambda request: page.requests.append(request.url))
     page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.on("console", lambda message: page.errors.append(message.text) if message.type == "error" else None)
     yield page
     assert page.errors == []
     assert page.requests and all(url.startswith("file://") for url in page.requests), page.requests
@@ -144,7 +146,14 @@ def test_feature_page_highlights_and_escapes(site, page, tmp_path):
 
     assert page.locator(".logits tr").count() == len(feature["logits"]["positive"]) + len(feature["logits"]["negative"])
     neighbour_links = page.eval_on_selector_all(".neighbours a", "links => links.map(a => a.getAttribute('href'))")
-    assert neighbour_links == [f"feature.html?id={i}" for i, _ in feature["neighbours"] if i in features]
+    assert neighbour_links == [f"feature.html?id={i}" for i, _, _ in feature["neighbours"] if i in features]
+    # neighbours without a page are no links: their id, their top tokens (or "never fired") and how to build them
+    rows = page.eval_on_selector_all(".neighbours tr", "rows => rows.map(r => [r.cells[0].textContent, "
+                                     "!!r.cells[0].querySelector('a'), r.cells[2].textContent])")  # fmt: skip
+    assert rows[-2:] == [["5003", False, " waters<b> (no page)"], ["6003", False, "never fired (no page)"]]
+    assert all(linked for _, linked, _ in rows[:-2])
+    assert [text for _, _, text in rows[:-2]] == ["".join(t) for _, _, t in feature["neighbours"][:-2]]
+    assert "--select ids --features 5003 6003 --out" in page.text_content(".neighbours + .note")
     screenshot = Path(os.environ.get("SAELAB_SCREENSHOT") or tmp_path / "feature.png")
     page.screenshot(path=str(screenshot))
     assert screenshot.stat().st_size > 10_000
@@ -169,7 +178,26 @@ def test_feature_page_variants(site, page):
     page.goto(feature_page + "?id=1000")  # the far chunk; its neighbours are links back
     page.wait_for_selector("#activation-histogram svg")
     assert page.text_content("#prev-feature") == "← latent 259"
-    page.goto(feature_page + "?id=5000")  # no chunk file: the script load fails
-    page.wait_for_function("document.getElementById('status').textContent.includes('not in this dashboard')")
-    page.goto(feature_page + "?id=999")  # its chunk exists (with 1000), the latent is not in it
-    page.wait_for_function("document.getElementById('status').textContent.includes('not in this dashboard')")
+
+
+def test_feature_page_explains_ids_it_cannot_show(site, page):
+    """Not a number, beyond the SAE, or a latent without a page: one sentence, a link back to the index, no data
+    file requested and no console error (the fixture checks both)."""
+    index, _ = site
+    feature_page = index.with_name("feature.html").as_uri()
+    cases = [
+        ("abc", "\u201cabc\u201d is not a latent number: open this page as feature.html?id=N"),
+        ("-3", "\u201c-3\u201d is not a latent number"),
+        ("5000", "Latent 5000 does not exist: this SAE has latents 0 to 1,000."),
+        ("999", "Latent 999 has no page in this dashboard."),  # its chunk file exists (with 1000)
+        ("260", "Latent 260 has no page in this dashboard."),  # no chunk file at all
+    ]
+    for raw, sentence in cases:
+        page.goto(feature_page + "?id=" + raw)
+        status = page.text_content("#status")
+        assert status.startswith(sentence), status
+        assert page.get_attribute("#status a", "href") == "index.html"
+        assert ("--select ids --features " + raw + " --out dashboard_" + raw in status) == (raw in ("999", "260"))
+    assert not [url for url in page.requests if "/data/features_" in url]
+    page.click("#status a")
+    page.wait_for_selector("#features tbody tr")

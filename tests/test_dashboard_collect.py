@@ -1,6 +1,7 @@
 import itertools
 import json
 import math
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -124,6 +125,20 @@ def brute_force(sae, cache, hook):
     return everything, sae.encode(everything.acts[hook].double()).detach()
 
 
+def top_rows(dense, latent, top_k, signed):
+    """The cache rows of a latent's top_k activations, best first, ties to the earlier row (the dashboard's rule)."""
+    column = dense[:, latent]
+    key = column.abs() if signed else column
+    return sorted((column != 0).nonzero().squeeze(1).tolist(), key=lambda t: (-float(key[t]), t))[:top_k]
+
+
+def top_tokens(dense, everything, latent, top_k, signed, tokenizer, m=10):
+    """A latent's most common top-example tokens, most common first (ties: the better example's token first)."""
+    rows = top_rows(dense, latent, top_k, signed)
+    pieces = Counter(tokenizer.decode([int(everything.token_ids[r])]) for r in rows)
+    return [token for token, _ in pieces.most_common(m)]
+
+
 def check_against_dense(summary, features, sae, cache, tiny_model, hook, top_k):
     everything, dense = brute_force(sae, cache, hook)
     signed = sae.signed
@@ -142,8 +157,8 @@ def check_against_dense(summary, features, sae, cache, tiny_model, hook, top_k):
         assert feature["max_act"] == pytest.approx(float(column[firing].max()), abs=1e-9)
         assert feature["min_act"] == pytest.approx(float(column[firing].min()), abs=1e-9)
         assert feature["mean_act"] == pytest.approx(float(column[firing].mean()), abs=1e-9)
-        key = column.abs() if signed else column
-        best = sorted(firing.tolist(), key=lambda t: (-float(key[t]), t))[:top_k]
+        best = top_rows(dense, latent, top_k, signed)
+        assert feature["top_tokens"] == top_tokens(dense, everything, latent, top_k, signed, tiny_model.tokenizer)
         assert [(e["context"], e["position"]) for e in feature["top"]] == [
             (int(everything.context[t]), int(everything.position[t])) for t in best
         ]
@@ -165,10 +180,15 @@ def check_against_dense(summary, features, sae, cache, tiny_model, hook, top_k):
     for feature in features:
         cosines = unit @ unit[feature["id"]]
         cosines[feature["id"]] = -2
-        assert [i for i, _ in feature["neighbours"]] == cosines.argsort(descending=True)[:10].tolist()
-        assert [c for _, c in feature["neighbours"]] == pytest.approx(
+        assert [i for i, _, _ in feature["neighbours"]] == cosines.argsort(descending=True)[:10].tolist()
+        assert [c for _, c, _ in feature["neighbours"]] == pytest.approx(
             cosines.sort(descending=True).values[:10].tolist()
         )
+        # every neighbour, with a page or not, carries the first five top tokens its own page would list
+        for i, _, tokens in feature["neighbours"]:
+            assert tokens == top_tokens(dense, everything, i, top_k, signed, tiny_model.tokenizer, m=5)
+    requested = {f["id"] for f in features}
+    assert any(i not in requested for f in features for i, _, _ in f["neighbours"])
 
 
 def test_topk_sae_matches_dense_reference_over_many_batches(cache, tiny_model, monkeypatch):

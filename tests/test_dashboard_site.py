@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
-import types
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pytest
 from plotly.offline import get_plotlyjs
 
 from saelab.cli import main
-from saelab.dashboard import site
+from saelab.dashboard import collect, site
+from saelab.dashboard.selection import select_latents
 from saelab.dashboard.site import chunk_file, script_json, write_site
 from saelab.errors import SaelabError
 
@@ -62,8 +62,10 @@ def fake_feature(feature_id: int, rng: random.Random, signed: bool, ids: list[in
     """A contract-conformant feature. id % 10 == 7 is dead, == 5 dense; id % 3 == 2 has head attributions
     (hook_z); id 4 has no logit effects (as for an encoder); id 3 carries hostile token text."""
     dead, dense = feature_id % 10 == 7, feature_id % 10 == 5
-    neighbours = [[other, round(0.9 - 0.1 * j, 3)] for j, other in enumerate(o for o in ids if o != feature_id)][:4]
-    neighbours.append([5000 + feature_id, 0.2])  # a latent that is not in the dashboard
+    others = [o for o in ids if o != feature_id][:4]
+    neighbours = [[other, round(0.9 - 0.1 * j, 3), [" " + WORDS[other % len(WORDS)]]] for j, other in enumerate(others)]
+    neighbours.append([5000 + feature_id, 0.2, [" waters", "<b>"]])  # a latent that is not in the dashboard
+    neighbours.append([6000 + feature_id, 0.1, []])  # one that never fired, not in the dashboard either
     if dead:
         return {
             "id": feature_id, "density": 0.0, "max_act": 0.0, "min_act": 0.0, "mean_act": 0.0, "dead": True,
@@ -154,7 +156,8 @@ def assert_follows_contract(summary: dict, features: list[dict]) -> None:
         if f["logits"] is not None:
             assert all(isinstance(t, str) and isinstance(v, float | int) for t, v in f["logits"]["positive"])
             assert all(isinstance(t, str) and isinstance(v, float | int) for t, v in f["logits"]["negative"])
-        assert all(isinstance(i, int) and i != f["id"] for i, _ in f["neighbours"])
+        assert all(isinstance(i, int) and i != f["id"] for i, _, _ in f["neighbours"])
+        assert all(isinstance(tokens, list) and len(tokens) <= 5 for _, _, tokens in f["neighbours"])
 
 
 def read_js(path: Path, prefix: str, suffix: str):
@@ -289,9 +292,7 @@ def test_cli_passes_options_to_the_collector_and_writes_the_site(tiny_sae_and_ca
         summary, features = fake_dashboard(options["features"] or list(range(sae.d_sae)))
         return {**summary, "d_sae": sae.d_sae}, features
 
-    collector = types.ModuleType("saelab.dashboard.collect")
-    collector.collect_dashboard_data = collect_dashboard_data
-    monkeypatch.setitem(sys.modules, "saelab.dashboard.collect", collector)
+    monkeypatch.setattr(collect, "collect_dashboard_data", collect_dashboard_data)
 
     argv = ["dashboard", "--sae", str(sae_folder), "--cache", str(cache), "--model", "none", "--quiet"]
     assert main([*argv, "--features", "90", "3", "3", "--n-tokens", "640", "--top-k", "7"]) == 0
@@ -299,17 +300,27 @@ def test_cli_passes_options_to_the_collector_and_writes_the_site(tiny_sae_and_ca
     assert sae.d_sae == 96 and opened.path == cache
     assert options == {
         "model": None, "features": [3, 90], "n_tokens": 640, "top_k": 7, "quantile_examples": 5, "progress": False,
-        "folder": str(sae_folder),
+        "folder": str(sae_folder), "seed": 0,
     }  # fmt: skip
     index = sae_folder / "dashboard/index.html"
     assert f"dashboard: {index}" in capsys.readouterr().out
     assert [f["id"] for f in read_chunk(index.parent, 1)["features"]] == [90]
+    written = read_js(index.parent / "data/summary.js", "window.SAELAB_SUMMARY = ", ";\n")
+    assert written["selection"] == "--select ids --features 3 90"
+    assert written["build_command"] == f"saelab dashboard --sae {sae_folder} --cache {cache} --model none"
 
     out = sae_folder.parent / "elsewhere"
     assert main([*argv, "--n-features", "10", "--out", str(out)]) == 0
     assert calls[-1][2]["features"] == list(range(10)) and calls[-1][2]["n_tokens"] is None
     assert main([*argv, "--out", str(out)]) == 0
     assert calls[-1][2]["features"] is None
+    assert main([*argv, "--select", "random", "--n-features", "5", "--seed", "4", "--out", str(out)]) == 0
+    assert calls[-1][2]["features"] == select_latents(calls[-1][0], calls[-1][1], "random", n=5, seed=4)
+    assert calls[-1][2]["seed"] == 4
+    assert main([*argv, "--select", "densest", "--n-features", "5", "--out", str(out)]) == 0
+    assert calls[-1][2]["features"] == select_latents(calls[-1][0], calls[-1][1], "densest", n=5, progress=False)
+    assert main([*argv, "--select", "ids", "--features", "7", "--out", str(out)]) == 0
+    assert calls[-1][2]["features"] == [7]
 
     assert main([*argv, "--features", "96"]) == 2
     assert "outside this SAE's range 0..95" in capsys.readouterr().err
@@ -342,6 +353,22 @@ def test_cli_with_the_real_collector(tiny_sae_and_cache):
             assert all(len(f["heads"]) == 4 and f["logits"] is not None for f in features if not f["dead"])
         else:
             assert all(f["heads"] is None and f["logits"] is None for f in features)
+
+
+def test_cli_selects_latents_by_token_with_the_real_collector(tiny_sae_and_cache, tokenizer):
+    sae_folder, cache = tiny_sae_and_cache
+    out = sae_folder.parent / "by_token"
+    argv = ["dashboard", "--sae", str(sae_folder), "--cache", str(cache), "--model", "none", "--out", str(out)]
+    assert main([*argv, "--features", *map(str, range(40)), "--quiet"]) == 0
+    built = [f for chunk in (0,) for f in read_chunk(out, chunk)["features"]]
+    token = next(t for f in built for t in f["top_tokens"] if len(tokenizer.encode(t, add_special_tokens=False)) == 1)
+    assert main([*argv, "--select", "token", "--token", token, "--n-features", "3", "--quiet"]) == 0
+    summary = read_js(out / "data/summary.js", "window.SAELAB_SUMMARY = ", ";\n")
+    chosen = [f for chunk in sorted({i // 64 for i in range(96)}) if (out / chunk_file(chunk)).is_file()
+              for f in read_chunk(out, chunk)["features"]]  # fmt: skip
+    assert summary["n_features"] == len(chosen) and 1 <= len(chosen) <= 3  # fewer when fewer latents list it
+    assert all(token in f["top_tokens"] for f in chosen)
+    assert summary["selection"] == f"--select token --n-features 3 --token {shlex.quote(token)}"
 
 
 def test_a_damaged_cache_shard_is_named_instead_of_read(tmp_path, tiny_sae_and_cache, capsys):

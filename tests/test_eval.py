@@ -257,3 +257,20 @@ def test_saelens_folder_evaluates_like_the_saelab_folder(tmp_path, capsys):
                 assert saelens_result[section][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (section, key)
     assert saelens_result["sparsity"]["log10_density_histogram"] == saelab_result["sparsity"]["log10_density_histogram"]
     assert "record no training contexts" in capsys.readouterr().err
+
+
+def test_table_shows_dead_and_dense_counts_that_a_fraction_would_round_to_zero():
+    from saelab.analysis.evaluate import format_table, latent_share
+
+    assert [latent_share(*case) for case in ((0, 0.0), (3, 3 / 9216), (1, 1 / 131072), (200, 200 / 9216))] == [
+        "0", "3 (0.033%)", "1 (0.00076%)", "200 (2.2%)"
+    ]  # fmt: skip
+    sparsity = {"l0": 32.0, "dead": 0, "dead_fraction": 0.0, "dense": 3, "dense_fraction": 3 / 9216,
+                "dense_threshold": 0.1}  # fmt: skip
+    results = [{"sae": "runs/sae/a", "reconstruction": {"fvu": 0.25}, "sparsity": sparsity, "downstream": None}]
+    header, _, row, note = format_table(results).split("\n")
+    assert header.split()[6:8] == ["dead", "dense"] and "dense f>0.1" in header
+    assert row.split()[6:9] == ["0", "3", "(0.033%)"]
+    assert note.startswith("dead: latents that never fired on the evaluated tokens; dense f>0.1: latents whose")
+    results.append({**results[0], "sae": "b", "sparsity": {**sparsity, "dense_threshold": 0.2}})
+    assert "dense f>threshold" in format_table(results)  # mixed thresholds are not given one number

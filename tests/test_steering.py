@@ -252,3 +252,25 @@ def test_steer_command_prints_baseline_and_steered(tmp_path, capsys, tiny_model)
     assert main([*argv, "--feature", "96"]) == 2
     assert "out of range" in capsys.readouterr().err
 
+
+def test_generation_reports_progress(tmp_path, capsys, tiny_model):
+    from saelab.cli import main
+    from saelab.sae.io import save_sae
+
+    class Counter:
+        steps = 0
+
+        def update(self, n):
+            self.steps += n
+
+    counter = Counter()
+    generate(tiny_model, PROMPT, max_new_tokens=4, n=2, progress=counter)
+    assert counter.steps == 4  # one step a token, for both completions together
+    folder = save_sae(make_sae(), tmp_path / "sae")
+    argv = ["steer", "--sae", str(folder), "--feature", "3", "--prompt", PROMPT, "--max-new-tokens", "2"]
+    argv += ["--alpha", "1"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "generating" in captured.err and "4/4" in captured.err and "generating" not in captured.out
+    assert main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

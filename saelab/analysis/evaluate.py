@@ -369,14 +369,15 @@ def json_ready(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+SHARE = "share"  # a TABLE_COLUMNS format: a count of latents with its share of all latents (see `latent_share`)
 TABLE_COLUMNS = (  # header, result section, key, format, scale
     ("FVU", "reconstruction", "fvu", "{:.4f}", 1),
     ("MSE", "reconstruction", "mse", "{:.4g}", 1),
     ("cos", "reconstruction", "cosine", "{:.4f}", 1),
     ("shrink", "reconstruction", "shrinkage", "{:.3f}", 1),
     ("L0", "sparsity", "l0", "{:.1f}", 1),
-    ("dead %", "sparsity", "dead_fraction", "{:.1f}", 100),
-    ("dense %", "sparsity", "dense_fraction", "{:.1f}", 100),
+    ("dead", "sparsity", "dead", SHARE, 1),
+    ("dense", "sparsity", "dense", SHARE, 1),  # the header names the threshold: "dense f>0.1"
     ("CE rec zero", "downstream", "ce_recovered_zero", "{:.4f}", 1),
     ("CE rec mean", "downstream", "ce_recovered_mean", "{:.4f}", 1),
     ("dLM loss", "downstream", "delta_lm_loss", "{:.4f}", 1),
@@ -384,20 +385,39 @@ TABLE_COLUMNS = (  # header, result section, key, format, scale
 )
 
 
+def latent_share(count: int, fraction: float) -> str:
+    """A count of latents with its share of all of them, e.g. '3 (0.033%)': one decimal from 1% up, two significant
+    digits below, so a share that is not zero never reads as zero."""
+    if not count:
+        return "0"
+    percent = 100 * fraction
+    return f"{count} ({percent:.1f}%)" if percent >= 1 else f"{count} ({percent:.2g}%)"
+
+
+def _dense_thresholds(results: Sequence[dict[str, Any]]) -> str:
+    """The firing-frequency threshold of "dense" in these results, as the table header shows it."""
+    thresholds = {(r.get("sparsity") or {}).get("dense_threshold") for r in results} - {None}
+    return f"{thresholds.pop():g}" if len(thresholds) == 1 else "threshold"
+
+
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     """One row per result of `evaluate`: SAE (folder name) and the TABLE_COLUMNS metrics ('-': not computed), under
-    it a row of +- half-widths of their bootstrap intervals (blank: none), then a line per SAE whose headline
-    reconstruction left outlier tokens out, with its all-token FVU."""
+    it a row of +- half-widths of their bootstrap intervals (blank: none), a line that says what the dead and dense
+    counts are, then a line per SAE whose headline reconstruction left outlier tokens out, with its all-token FVU."""
 
     def cell(result: dict, section: str, key: str, fmt: str, scale: float) -> str:
-        value = (result.get(section) or {}).get(key)
-        return "-" if value is None else fmt.format(value * scale)
+        values = result.get(section) or {}
+        value = values.get(key)
+        if value is None:
+            return "-"
+        return latent_share(value, values[f"{key}_fraction"]) if fmt == SHARE else fmt.format(value * scale)
 
     def spread(result: dict, section: str, key: str, fmt: str, scale: float) -> str:
         interval = (result.get(section) or {}).get(f"{key}_ci")
         return "" if interval is None else "±" + fmt.format((interval[1] - interval[0]) / 2 * scale)
 
-    header = ["SAE", *(column[0] for column in TABLE_COLUMNS)]
+    dense = _dense_thresholds(results)
+    header = ["SAE", *(f"dense f>{dense}" if key == "dense" else name for name, _, key, *_ in TABLE_COLUMNS)]
     rows = []
     for r in results:
         rows.append([Path(r["sae"]).name, *(cell(r, *column[1:]) for column in TABLE_COLUMNS)])
@@ -410,6 +430,12 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         for row in [header, *rows]
     ]
     notes = []
+    if any(r.get("sparsity") for r in results):
+        notes.append(
+            f"dead: latents that never fired on the evaluated tokens; dense f>{dense}: latents whose firing frequency "
+            f"f (the fraction of evaluated tokens they fire on) is above {dense}; each is a count of latents and its "
+            "share of all latents"
+        )
     if any(row[0] == "" for row in rows):
         notes.append(f"±: half-width of the {CONFIDENCE:.0%} bootstrap interval over contexts (<metric>_ci in JSON)")
     for r in results:

@@ -3,6 +3,7 @@ write the static, offline site (saelab.dashboard.site)."""
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +22,13 @@ class DashboardResult:
 
 
 def run(command: DashboardCommand, progress: bool = True) -> DashboardResult:
-    """Load the SAE, its cache and (for logit effects) its model, collect the per-latent data and write the site to
-    --out (default: <sae>/dashboard)."""
+    """Load the SAE and its cache, choose the latents (--select), load the model (for logit effects), collect the
+    per-latent data and write the site to --out (default: <sae>/dashboard)."""
     from saelab.activations.cache import ActivationCache
     from saelab.dashboard.collect import collect_dashboard_data
+    from saelab.dashboard.selection import select_latents
     from saelab.dashboard.site import write_site
-    from saelab.models import load_model
+    from saelab.models import load_model, load_tokenizer
     from saelab.sae.io import load_saes
 
     options = command.dashboard
@@ -40,30 +42,59 @@ def run(command: DashboardCommand, progress: bool = True) -> DashboardResult:
         raise SaelabError(
             f"The SAE in {options.sae} records no model: pass --model NAME (or --model none to skip logit effects)."
         )
+    n_tokens = options.n_tokens or None
+    tokenizer = None
+    if options.select == "token":  # the token ids a cache stores are those of the model it was harvested with
+        tokenizer = load_tokenizer(cache.manifest["identity"]["model"]["model"])
+    features = select_latents(
+        sae,
+        cache,
+        options.select,
+        n=options.n_features,
+        ids=options.features,
+        token=options.token,
+        tokenizer=tokenizer,
+        seed=options.seed,
+        n_tokens=n_tokens,
+        top_k=options.top_k,
+        progress=progress,
+    )
     model = None if model_name == "none" else load_model(model_name, command.model.device, command.model.model_dtype)
-    summary, features = collect_dashboard_data(
+    summary, records = collect_dashboard_data(
         sae,
         cache,
         model=model,
-        features=_feature_selection(command, sae.d_sae),
-        n_tokens=options.n_tokens or None,
+        features=features,
+        n_tokens=n_tokens,
         top_k=options.top_k,
         quantile_examples=options.quantile_examples,
         progress=progress,
         folder=options.sae,
+        seed=options.seed,
     )
+    summary = {**summary, "selection": _selection_text(options), "build_command": _build_command(command)}
     out = Path(options.out) if options.out else Path(options.sae) / "dashboard"
-    return DashboardResult(write_site(out, summary, features, progress=progress))
+    return DashboardResult(write_site(out, summary, records, progress=progress))
 
 
-def _feature_selection(command: DashboardCommand, d_sae: int) -> list[int] | None:
-    """The latent ids asked for on the command line; None means all of them."""
-    wanted = command.dashboard.features
-    if wanted:
-        outside = [i for i in wanted if not 0 <= i < d_sae]
-        if outside:
-            raise SaelabError(f"Latent ids {outside} are outside this SAE's range 0..{d_sae - 1}; fix --features.")
-        return sorted(set(wanted))
-    if command.dashboard.n_features > 0:
-        return list(range(min(command.dashboard.n_features, d_sae)))
-    return None
+def _selection_text(options) -> str:
+    """How the latents were chosen, as the flags that choose them (shown on the index page)."""
+    if options.select == "ids":
+        return f"--select ids --features {' '.join(map(str, sorted(set(options.features))))}"
+    if options.select != "token" and not options.n_features:
+        return "all latents"
+    words = [f"--select {options.select}", f"--n-features {options.n_features}"]
+    if options.select == "token":
+        words.append(f"--token {shlex.quote(options.token)}")
+    if options.select == "random":
+        words.append(f"--seed {options.seed}")
+    return " ".join(words)
+
+
+def _build_command(command: DashboardCommand) -> str:
+    """The start of a `saelab dashboard` command for this SAE and cache: the feature pages complete it with
+    `--select ids --features N --out DIR` to build a page that this dashboard lacks."""
+    words = ["saelab", "dashboard", "--sae", command.dashboard.sae, "--cache", command.dashboard.cache]
+    if command.model.model:
+        words += ["--model", command.model.model]
+    return shlex.join(words)

@@ -3,6 +3,7 @@ next-token loss on --reference for each strength."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -48,8 +49,10 @@ class SteerResult:
 
 
 def run(command: SteerCommand, progress: bool = True) -> SteerResult:
-    """The baseline and steered completions of --prompt and the reference losses, for each --alpha. `progress` is
-    part of the one command signature; generation shows no progress bar."""
+    """The baseline and steered completions of --prompt and the reference losses, for each --alpha, with a progress
+    bar (stderr) over the generation steps unless `progress` is False (--quiet)."""
+    from tqdm.auto import tqdm
+
     from saelab.analysis.evaluate import eval_model_name
     from saelab.models import load_model
     from saelab.sae.io import load_saes
@@ -70,13 +73,17 @@ def run(command: SteerCommand, progress: bool = True) -> SteerResult:
         "n": options.n,
         "seed": options.seed,
     }
-    clean_loss = next_token_loss(model, reference)
-    baseline = generate(model, options.prompt, **samples)
-    steered = []
-    for alpha in options.alpha:
-        steering = [with_alpha(base, alpha)]
-        loss = next_token_loss(model, reference, sae, steering)
-        steered.append(Steered(alpha, generate(model, options.prompt, sae, steering, **samples), loss))
+    steps = (1 + len(options.alpha)) * options.max_new_tokens  # one step: a token for each of the --n completions
+    with tqdm(total=steps, desc="generating", unit="step", disable=not progress, file=sys.stderr) as bar:
+        clean_loss = next_token_loss(model, reference)
+        baseline = generate(model, options.prompt, **samples, progress=bar)
+        steered = []
+        for alpha in options.alpha:
+            bar.set_postfix_str(f"alpha {alpha:g}")
+            steering = [with_alpha(base, alpha)]
+            loss = next_token_loss(model, reference, sae, steering)
+            completions = generate(model, options.prompt, sae, steering, **samples, progress=bar)
+            steered.append(Steered(alpha, completions, loss))
     return SteerResult(options, hook, note, baseline, clean_loss, steered)
 
 

@@ -30,7 +30,10 @@ Besides the pass:
   W_O, d_i reshaped [n_heads, d_head]). The final norm is ignored (the direct logit effect, as SAELens and
   Neuronpedia show it). None without a model, for encoders (attention not causal), and for hooks whose width is
   not d_model;
-- neighbours: the other latents with the highest cosine between decoder rows;
+- neighbours: the other latents with the highest cosine between decoder rows, each with its top tokens (up to
+  NEIGHBOUR_TOKENS, as its own page would list them). Neighbours that are not among the requested latents get a
+  streaming top-k of their own in the pass (keys only; no samples, histograms or windows), so a page can show what
+  a neighbour without a page fires on;
 - heads (attn.hook_z SAEs with a model, which gives n_heads): direct feature attribution of the pre-activation by
   head (saelab.analysis.attribution.head_attribution; with its bias term the heads sum to the pre-activation).
 
@@ -47,7 +50,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -69,6 +72,7 @@ _CHUNK_LATENTS = 256
 _MIN_MERGE_ENTRIES = 1 << 16
 _READ_ROWS = 8192
 _TOP_TOKENS = 10
+NEIGHBOUR_TOKENS = 5
 
 
 class LogitEffects(NamedTuple):
@@ -352,7 +356,9 @@ def _one_thread() -> Iterator[None]:
 class _Pass:
     """The state of the one pass over the cache (see the module docstring)."""
 
-    def __init__(self, sae: SAE, latents: torch.Tensor, top_k: int, sample_size: int, seed: int):
+    def __init__(self, sae: SAE, latents: torch.Tensor, top_k: int, sample_size: int, seed: int, extra: torch.Tensor):
+        """latents [n]: the requested latents (slots 0..n-1); extra [m]: other latents that only need their top
+        examples' tokens (the neighbours without a page)."""
         device = sae.W_enc.device
         n = len(latents)
         self.slot_of = torch.full((sae.d_sae,), -1, dtype=torch.long, device=device)
@@ -368,6 +374,9 @@ class _Pass:
         self.histogram = DoublingHistogram(n, HISTOGRAM_BINS, sae.signed, device)
         self.record: FiringRecord | None = FiringRecord(n)
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.extra_slot_of = torch.full((sae.d_sae,), -1, dtype=torch.long, device=device)
+        self.extra_slot_of[extra.to(device)] = torch.arange(len(extra), device=device)
+        self.extra_top = StreamingTopK(len(extra), top_k, device, sae.W_enc.dtype) if len(extra) else None
 
     def update(self, first_token: int, code) -> None:
         self.sparsity.update(code)
@@ -388,6 +397,12 @@ class _Pass:
             self.record.add(tokens, slots, values)
             if self.record.nbytes > RECORD_BUDGET_BYTES:
                 self.record = None  # too dense to keep: windows re-encode their rows after the pass
+        if self.extra_top is not None:
+            extra = self.extra_slot_of[code.layout.indices]
+            hit = ((extra >= 0) & (code.values != 0)).nonzero().squeeze(1)
+            values = code.values[hit].detach()
+            keys = values.abs() if self.signed else values
+            self.extra_top.update(extra[hit], keys, code.layout.rows[hit] + first_token, values)
 
 
 def _read_rows(cache: ActivationCache, hook: str, rows: torch.Tensor, with_acts: bool):
@@ -467,16 +482,26 @@ def collect_dashboard_data(
 
         pieces = TokenPieces(load_tokenizer(model_name))
 
-    state = _Pass(sae, latents, top_k, SAMPLE_PER_QUANTILE * n_quantiles if quantile_examples else 0, seed)
-    _scan(sae, cache, hook, state, total, batch_tokens, progress)
+    neighbours = decoder_neighbours(sae, latents.to(sae.W_dec.device), n_neighbours)
+    neighbour_ids = torch.unique(neighbours[0].cpu())
+    extra = neighbour_ids[~torch.isin(neighbour_ids, latents)]
+    sample_size = SAMPLE_PER_QUANTILE * n_quantiles if quantile_examples else 0
+    state = _Pass(sae, latents, top_k, sample_size, seed, extra)
+    scan_cache(sae, cache, hook, state.update, total, batch_tokens, progress)
     with _one_thread():
         examples = _choose_examples(state, quantile_examples, n_quantiles)
     windows = _windows(sae, cache, hook, state, examples, total, context_before, context_after, pieces, progress)
     heads = _example_heads(sae, cache, hook, latents, examples, model)
     logits = logit_effects(sae, model, latents.to(sae.W_dec.device), n_logits)
-    neighbours = decoder_neighbours(sae, latents.to(sae.W_dec.device), n_neighbours)
+    top_tokens = top_token_lists(cache, state.top.tokens.cpu(), pieces, _TOP_TOKENS)
+    extra_tokens = top_token_lists(cache, state.extra_top.tokens.cpu(), pieces) if len(extra) else []
+    tokens_of = dict(zip(latents.tolist(), top_tokens)) | dict(zip(extra.tolist(), extra_tokens))
+    neighbour_tokens = {i: tokens_of[i][:NEIGHBOUR_TOKENS] for i in neighbour_ids.tolist()}
     sparsity = state.sparsity.result()
-    records = _FeatureRecords(state, sparsity["firing_frequency"], examples, windows, heads, logits, neighbours, pieces)
+    records = _FeatureRecords(
+        state, sparsity["firing_frequency"], examples, windows, heads, logits, (*neighbours, neighbour_tokens), pieces,
+        top_tokens,
+    )  # fmt: skip
     summary = _summary(sae, hook, model_name, total, sparsity, Path(folder) if folder is not None else None)
     return summary, [records.record(slot, latent) for slot, latent in enumerate(latents.tolist())]
 
@@ -492,17 +517,56 @@ def _check_options(counts: dict[str, int], batch_tokens: int) -> None:
         raise SaelabError(f"batch_tokens must be positive (got {batch_tokens}).")
 
 
-def _scan(sae: SAE, cache: ActivationCache, hook: str, state: _Pass, total: int, batch_tokens: int, progress: bool):
-    """The pass: the first `total` cached tokens, encoded `batch_tokens` at a time, into `state`."""
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="dashboard pass", disable=not progress)
+def scan_cache(
+    sae: SAE,
+    cache: ActivationCache,
+    hook: str,
+    update: Callable[[int, Any], None],
+    total: int,
+    batch_tokens: int,
+    progress: bool,
+    desc: str = "dashboard pass",
+) -> None:
+    """A pass: the first `total` cached tokens in storage order, encoded `batch_tokens` at a time; each batch's
+    sparse code goes to update(first token's row, code), run on one thread (see `_one_thread`)."""
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not progress)
     with bar:
         for first in range(0, total, batch_tokens):
             index = torch.arange(first, min(first + batch_tokens, total))
             x = cache.read(index, hooks=[hook]).acts[hook].to(sae.W_enc)
             code, _, _ = sae.encode_code(x)
             with _one_thread():
-                state.update(first, code)
+                update(first, code)
             bar.update(len(index))
+
+
+def token_ids_at(cache: ActivationCache, rows: torch.Tensor) -> torch.Tensor:
+    """The token id stored at each cache row: rows [...] int64 (-1: none) -> token ids [...] (-1 where rows is)."""
+    flat = rows.flatten()
+    needed = torch.unique(flat[flat >= 0])
+    out = torch.full_like(flat, -1)
+    if needed.numel():
+        ids = torch.cat([batch.token_ids for _, batch in _read_rows(cache, "", needed, with_acts=False)])
+        valid = flat >= 0
+        out[valid] = ids[torch.searchsorted(needed, flat[valid])].long()
+    return out.view(rows.shape)
+
+
+def top_token_counts(cache: ActivationCache, rows: torch.Tensor, pieces: TokenPieces) -> list[Counter]:
+    """Per latent, how often each token (as text) is the focus of its top examples: rows [n, k] of top-example cache
+    rows, best first, -1 where empty -> n Counters, each in order of first appearance (the better example first)."""
+    return [Counter(pieces(t) for t in row if t >= 0) for row in token_ids_at(cache, rows).tolist()]
+
+
+def top_tokens(counts: Counter, m: int = _TOP_TOKENS) -> list[str]:
+    """The m most common tokens of a latent's top examples (a `top_token_counts` Counter), most common first, ties
+    to the better example's token: a feature's "top_tokens"."""
+    return [token for token, _ in counts.most_common(m)]
+
+
+def top_token_lists(cache: ActivationCache, rows: torch.Tensor, pieces: TokenPieces, m: int = _TOP_TOKENS):
+    """`top_tokens` of each latent with top-example rows [n, k] (see `top_token_counts`)."""
+    return [top_tokens(counts, m) for counts in top_token_counts(cache, rows, pieces)]
 
 
 def _summary(
@@ -529,8 +593,8 @@ def _summary(
 
 class _FeatureRecords:
     """Each requested latent's record of the data contract, from the pass's state, the latents' firing frequencies
-    [d_sae], the examples with their windows and head attributions, logit effects and decoder neighbours
-    (ids [n, m], cosines [n, m])."""
+    [d_sae], the examples with their windows and head attributions, logit effects, decoder neighbours (ids [n, m],
+    cosines [n, m], {neighbour id: its top tokens}) and each requested latent's top tokens."""
 
     def __init__(
         self,
@@ -540,15 +604,17 @@ class _FeatureRecords:
         windows: list[dict[str, Any]],
         heads: list[list[float]] | None,
         logits: LogitEffects | None,
-        neighbours: tuple[torch.Tensor, torch.Tensor],
+        neighbours: tuple[torch.Tensor, torch.Tensor, dict[int, list[str]]],
         pieces: TokenPieces,
+        top_tokens: list[list[str]],
     ):
         self.counts, self.sums = state.counts.cpu(), state.sums.cpu()
         self.maxima, self.minima = state.max.cpu(), state.min.cpu()
         self.histogram, self.dense_threshold = state.histogram, state.sparsity.dense_threshold
         self.frequency, self.examples, self.windows, self.heads = frequency, examples, windows, heads
         self.logits, self.pieces = logits, pieces
-        self.neighbour_ids, self.neighbour_cosines = neighbours
+        self.neighbour_ids, self.neighbour_cosines, self.neighbour_tokens = neighbours
+        self.top_tokens = top_tokens
 
     def example(self, e: int) -> dict[str, Any]:
         """Example e's window with its head attributions (None when there are none)."""
@@ -562,7 +628,6 @@ class _FeatureRecords:
             {"low": low, "high": high, "examples": [self.example(e) for e in chosen]}
             for low, high, chosen in self.examples["quantiles"][slot]
         ]
-        focus_tokens = Counter(w["tokens"][w["focus"]] for w in top)
         frequency = self.frequency[latent]
         return {
             "id": latent,
@@ -572,13 +637,14 @@ class _FeatureRecords:
             "mean_act": float(self.sums[slot]) / n if n else 0.0,
             "dead": n == 0,
             "dense": bool(frequency > self.dense_threshold),
-            "top_tokens": [token for token, _ in focus_tokens.most_common(_TOP_TOKENS)],
+            "top_tokens": self.top_tokens[slot],
             "top": top,
             "quantiles": quantiles,
             "histogram": self.histogram.result(slot),
             "logits": _logit_lists(self.logits, slot, self.pieces) if self.logits is not None else None,
             "neighbours": [
-                [int(i), float(c)] for i, c in zip(self.neighbour_ids[slot].tolist(), self.neighbour_cosines[slot])
+                [i, float(c), self.neighbour_tokens[i]]
+                for i, c in zip(self.neighbour_ids[slot].tolist(), self.neighbour_cosines[slot])
             ],
             "heads": _mean_heads([self.heads[e] for e in self.examples["top"][slot]]) if self.heads and n else None,
         }

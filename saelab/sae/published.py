@@ -2,63 +2,11 @@
 `hf:` / SAELens `release:id` sources fetched through the Hugging Face hub cache. `saelab.sae.io.load_sae` (every
 `--sae`) dispatches here.
 
-Each loader returns the saelab SAE (float32, input_norm "none") whose encode(x) [..., d_sae] and forward
-sae(x) [..., d_in] equal the original library's encode and forward, for x [..., d_in], to float rounding:
+Each loader returns the saelab SAE (float32, input_norm "none") whose encode and forward equal the original
+library's, and records the hook and model where the source names them.
 
-sparsify (EleutherAI eai-sparsify 1.3.3, `sparse_coder.py` save_to_disk / load_from_disk, `fused_encoder.py`): a
-folder with cfg.json (k, num_latents or expansion_factor, activation, transcode, skip_connection, d_in) and
-sae.safetensors (encoder.weight [d_sae, d_in], encoder.bias [d_sae], W_dec [d_sae, d_in], b_dec [d_in]):
-
-    acts  = the k largest per token of ReLU((x - b_dec) @ encoder.weight^T + encoder.bias), 0 elsewhere
-    x_hat = acts @ W_dec + b_dec
-    -> topk, W_enc = encoder.weight^T, pre_enc_bias, topk.rescale_by_decoder_norm False
-
-saelab's own folders hold the same two file names; their cfg.json has `architecture` and an `sae` section, a
-sparsify one `k` and `d_in` at the top. Transcoders, skip connections and groupmax activations are refused.
-
-Gemma Scope (Google DeepMind's google/gemma-scope-* repositories; read as the "Gemma Scope from scratch"
-tutorial's JumpReLUSAE and SAELens 6.54.12's gemma_2 loader read them): params.npz with W_enc [d_in, d_sae],
-W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in], threshold [d_sae] (SAELens also renames w_* to W_* and drops an
-all-ones scaling_factor, as here):
-
-    z = x @ W_enc + b_enc;  acts = ReLU(z) * 1[z > threshold];  x_hat = acts @ W_dec + b_dec
-    -> jumprelu, pre_enc_bias False, log_threshold = log(max(threshold, 0)) (a threshold t <= 0 acts as 0)
-
-dictionary_learning (saprmarks/dictionary_learning, checked against 0.1.0 and GitHub 60ec6bf): the final ae.pt
-that trainSAE writes is the dictionary's state dict (biases already scaled back when it normalised activations),
-with config.json {"trainer": {"dict_class", "k", "layer", "lm_name", "submodule_name", ...}} beside it:
-
-    AutoEncoder             acts = ReLU((x - bias) @ encoder.weight^T + encoder.bias)        -> relu
-                            x_hat = acts @ decoder.weight^T + bias
-    AutoEncoderTopK         acts = the k largest per token of ReLU((x - b_dec) @ encoder.weight^T + encoder.bias)
-                            x_hat = acts @ decoder.weight^T + b_dec                          -> topk
-    BatchTopKSAE            acts = r * 1[r > threshold], r = ReLU((x - b_dec) @ encoder.weight^T + encoder.bias)
-                            (its default encode, use_threshold=True)                         -> batchtopk
-    MatryoshkaBatchTopKSAE  the same with W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in]    -> batchtopk
-    JumpReluAutoEncoder     z = x @ W_enc + b_enc; acts = ReLU(z * 1[z > threshold])        -> jumprelu
-                            (apply_b_dec_to_input is False and not saved: pre_enc_bias False)
-
-batchtopk's scalar threshold is max(threshold, 0), jumprelu's log_threshold log(max(threshold, 0)) (ReLU makes
-t <= 0 act as 0). AutoEncoderTopK and BatchTopKSAE save the same tensors: config.json's trainer.dict_class tells
-them apart, and without it the file is refused. AutoEncoder keeps its saved codes, as
-`AutoEncoder.from_pretrained(path, normalize_decoder=False)` gives them (the default rescales each code by its
-decoder norm; x_hat is the same). ae.pt is read with torch.load(weights_only=True): a pickle that would run code is
-refused and never executed. Gated SAEs and training backups (ae.pt with optimizer state) are refused.
-
-Hooks and models are recorded where the source names them (for --sae commands): a sparsify folder named
-`layers.N` / `h.N` reads blocks.N.hook_resid_post (`embed_tokens`: hook_embed), its model the run's config.json
-beside it (SAELens' sparsify rule); a Gemma Scope path .../gemma-scope-*-{res,mlp,att}/layer_N/... reads
-blocks.N.hook_resid_post / hook_mlp_out / attn.hook_z (SAELens' gemma_2 rule); dictionary_learning's trainer.layer
-reads blocks.N.hook_resid_post unless submodule_name names another site, its model trainer.lm_name.
-
-Hub sources (`resolve_sae_source`), fetched with huggingface_hub's snapshot_download, which reads the local cache
-alone when HF_HUB_OFFLINE=1:
-
-    hf:owner/repo[/subfolder]   the SAE files of that folder of the repository
-    owner/repo:path             SAELens' form for a repository that is not a named release
-    release:id                  a SAELens release, looked up in the pretrained_saes.yaml of an installed sae-lens
-                                package (read, not imported); releases in SAELens' own format, gemma_2,
-                                dictionary_learning_1 and sparsify are read
+Formats: docs/formats.md, sections "sparsify", "Gemma Scope", "dictionary_learning", "Hub sources" and "Hooks and
+models".
 """
 
 from __future__ import annotations
@@ -206,7 +154,7 @@ def _sparsify_hook(name: str) -> str | None:
 
 
 def load_sparsify(folder: str | Path) -> SAE:
-    """A sparsify SAE folder (cfg.json + sae.safetensors, see the module docstring) as a saelab topk SAE (CPU)."""
+    """A sparsify SAE folder (cfg.json + sae.safetensors, docs/formats.md) as a saelab topk SAE (CPU)."""
     folder = Path(folder)
     config = _read_json(folder / "cfg.json")
     if not is_sparsify_config(config):
@@ -260,7 +208,7 @@ def _gemma_scope_hook(path: Path) -> str | None:
 
 
 def load_gemma_scope(path: str | Path) -> SAE:
-    """Gemma Scope's params.npz (the file, or a folder holding it; see the module docstring) as a saelab jumprelu SAE
+    """Gemma Scope's params.npz (the file, or a folder holding it; docs/formats.md) as a saelab jumprelu SAE
     (CPU)."""
     path = Path(path)
     if path.is_dir():
@@ -409,7 +357,7 @@ def published_loader(path: Path) -> Callable[[Path], SAE] | None:
 
 
 def load_published(path: Path, device: str | torch.device = "cpu") -> SAE | None:
-    """The saelab SAE on `device` for `path` in a published format (module docstring); None when it is in none."""
+    """The saelab SAE on `device` for `path` in a published format (docs/formats.md); None when it is in none."""
     loader = published_loader(path)
     return None if loader is None else loader(path).to(device)
 
@@ -480,7 +428,7 @@ def hub_folder(repo_id: str, subfolder: str, source: str) -> Path:
 
 def resolve_sae_source(source: str | Path) -> Path:
     """The local path of an SAE source: `source` itself when it is a Path or an existing path; else, through the
-    Hugging Face hub cache, `hf:owner/repo[/subfolder]`, or a SAELens `release:id` pair (module docstring)."""
+    Hugging Face hub cache, `hf:owner/repo[/subfolder]`, or a SAELens `release:id` pair (docs/formats.md, section "Hub sources")."""
     if isinstance(source, Path) or Path(source).exists():
         return Path(source)
     if source.startswith(HUB_PREFIX):

@@ -1,41 +1,9 @@
 """Read and write SAELens SAE folders (`cfg.json` + `sae_weights.safetensors`), as SAELens 6.x writes them.
 
-SAELens' forward map (checked against sae-lens 6.54.12, `sae_lens/saes/*.py`), for x [batch, d_in]:
+`load_saelens` gives the saelab SAE with SAELens' forward map (standard, topk, abstopk, jumprelu and BatchTopK
+saves); `save_saelens` writes a saelab SAE that SAELens can load, refusing variants SAELens cannot compute.
 
-    sae_in     = norm_in(x) - b_dec * apply_b_dec_to_input
-    hidden_pre = sae_in @ W_enc + b_enc                                              [batch, d_sae]
-    standard:  acts = ReLU(hidden_pre)
-    topk:      h = hidden_pre * ||d_i|| if rescale_acts_by_decoder_norm else hidden_pre;
-               acts = ReLU(h) on the k largest h per token (top-k first, then ReLU), 0 elsewhere
-    abstopk:   same h; acts = h (signed) on the k largest |h| per token, 0 elsewhere
-    jumprelu:  acts = ReLU(hidden_pre) * 1[hidden_pre > threshold]                   threshold [d_sae]
-    decode:    x_hat = norm_out((acts / ||d_i|| if rescale_acts_by_decoder_norm else acts) @ W_dec + b_dec)
-
-BatchTopK is training-only in SAELens: `save_inference_model` folds the decoder norms (when
-rescale_acts_by_decoder_norm) and writes a "jumprelu" folder whose threshold is the running `topk_threshold`
-for every latent, with metadata.training_architecture = "batchtopk". A training checkpoint (`save_model`)
-keeps architecture "batchtopk" and a scalar `topk_threshold`.
-
-Mapping (SAELens -> saelab; encode and decode agree to float rounding, layer_norm aside, see the end):
-
-    standard            -> relu
-    topk / abstopk      -> topk / abstopk; rescale_acts_by_decoder_norm is folded into the weights
-                           (W_enc, b_enc times ||d_i||, W_dec rows over ||d_i||) and saelab's
-                           topk.rescale_by_decoder_norm is False, which reproduces SAELens' codes as well
-    jumprelu            -> jumprelu, log_threshold = log(max(threshold, 0)) (SAELens' ReLU makes a threshold
-                           t <= 0 act as 0; log 0 = -inf is exact); or batchtopk when the folder is SAELens'
-                           BatchTopK inference save (training_architecture "batchtopk", one threshold, integer k)
-    batchtopk (checkpt) -> batchtopk, decoder norms folded as SAELens does, threshold = topk_threshold
-    apply_b_dec_to_input <-> SAEConfig.pre_enc_bias; normalize_activations "none" <-> input_norm "none"
-
-saelab -> SAELens (`save_saelens`) is the inverse on a folded copy; gsae is TopK at inference and is written
-as topk; batchtopk and choice (both modes) are a JumpReLU at inference (a = z * 1[z > theta], theta >= 0) and
-are written as jumprelu; soft thresholds (a = ReLU(z - t)) as standard with b_enc - t, hard thresholds
-(a = z 1[z > sqrt(2t)]) as jumprelu. Not representable in SAELens, refused: the half, lq and CEL0 thresholds
-(shrinkage past a jump) and topafa (a per-token number of latents).
-
-layer_norm <-> layernorm: both normalise with the unbiased std, (x - mu) / (std + 1e-5), and undo it with
-x_hat * std + mu (OpenAI's convention), so the weights map unchanged.
+Formats: docs/formats.md, section "SAELens" (the forward map, the mapping in both directions, layer norm).
 """
 
 from __future__ import annotations
@@ -203,7 +171,7 @@ class _SaelabForm(NamedTuple):
 
 def _saelab_form(arch: str, cfg: dict[str, Any], state: dict[str, torch.Tensor], W_enc: torch.Tensor,
                  b_enc: torch.Tensor, W_dec: torch.Tensor, folder: Path) -> _SaelabForm:
-    """The saelab form of SAELens architecture `arch` (see the module docstring); folds decoder norms into W_enc,
+    """The saelab form of SAELens architecture `arch` (docs/formats.md, section "SAELens"); folds decoder norms into W_enc,
     b_enc [.., d_sae] and W_dec [d_sae, d_in] in place where the mapping needs it."""
     d_sae = W_dec.shape[0]
     meta = cfg.get("metadata") or {}
@@ -242,7 +210,7 @@ def _saelab_form(arch: str, cfg: dict[str, Any], state: dict[str, torch.Tensor],
 
 
 def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load a SAELens SAE folder as the saelab SAE with the same forward map (see the module docstring).
+    """Load a SAELens SAE folder as the saelab SAE with the same forward map (docs/formats.md, section "SAELens").
 
     The folder holds cfg.json and sae_weights.safetensors with W_enc [d_in, d_sae], b_enc [d_sae],
     W_dec [d_sae, d_in], b_dec [d_in] (+ threshold [d_sae] for jumprelu, topk_threshold [] for a batchtopk
