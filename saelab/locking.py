@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import fcntl
 from pathlib import Path
+from typing import Self
 
 from saelab.errors import SaelabError
-from typing import Self
 
 
 class FolderLock:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Self
 
 from saelab.errors import Interrupted
-from typing import Self
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

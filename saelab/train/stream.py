@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -32,7 +33,6 @@ from saelab.config import CacheCommand, CacheConfig
 from saelab.data import token_contexts
 from saelab.errors import SaelabError
 from saelab.train.command import TrainCommand
-from typing import Self
 
 LIVE = "none"
 
@@ -190,7 +190,7 @@ class Prefetcher:
                 if not self._offer(self._to_device(batch)):
                     return
             self._offer(_END)
-        except BaseException as exc:  # anything, so the consumer never waits forever
+        except BaseException as exc:  # noqa: BLE001 (anything, so the consumer never waits forever)
             self._offer(_Failure(exc))
         finally:
             if hasattr(batches, "close"):  # a generator: run its cleanup here, in the thread that drove it
