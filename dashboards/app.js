@@ -84,14 +84,51 @@ var saelab = (function () {
     }, { displayModeBar: false, responsive: true });
   }
 
+  /* A latent's label and notes (window.SAELAB_LABELS, from data/labels.js), or null. */
+  function labelOf(id) {
+    var labels = window.SAELAB_LABELS || {};
+    return labels[String(id)] || null;
+  }
+
+  /* The lower-cased texts a search query is matched against: each token (raw and as shown), a label, notes. */
+  function tokenSearchText(token) {
+    return (token + "\u0000" + visible(token)).toLowerCase();
+  }
+
   function indexRows() {
     var index = window.SAELAB_INDEX || { columns: [], rows: [] };
     return index.rows.map(function (row) {
       var record = {};
       index.columns.forEach(function (name, i) { record[name] = row[i]; });
-      record.search = record.top_tokens.map(function (t) { return (t + "\u0000" + visible(t)).toLowerCase(); });
+      var label = labelOf(record.id);
+      record.label = label ? label.label : "";
+      record.notes = label ? label.notes : "";
+      record.search = record.top_tokens.map(tokenSearchText).concat([record.label.toLowerCase(), record.notes.toLowerCase()]);
       return record;
     });
+  }
+
+  /* Every latent of the SAE, with a page or not, whose top tokens (the token index, data/tokens.js) include one
+     that matches `query` (lower case): [{id, hits (its top activations on matching tokens), matched, tokens}],
+     most hits first. */
+  function tokenMatches(query) {
+    var index = window.SAELAB_TOKENS;
+    if (!index || !query) return [];
+    var out = [];
+    index.latents.forEach(function (entries, id) {
+      var matched = entries.filter(function (entry) { return tokenSearchText(entry[0]).indexOf(query) >= 0; });
+      if (matched.length) {
+        var hits = matched.reduce(function (sum, entry) { return sum + entry[1]; }, 0);
+        out.push({ id: id, hits: hits, matched: matched, tokens: entries });
+      }
+    });
+    return out.sort(function (a, b) { return b.hits - a.hits || a.id - b.id; });
+  }
+
+  function labelCell(id) {
+    var label = labelOf(id);
+    if (!label) return [];
+    return [el("span", { className: "label", text: label.label || "(notes)", title: label.notes || "" })];
   }
 
   function flatten(value, prefix, out) {
@@ -120,8 +157,13 @@ var saelab = (function () {
     var metrics = clear(document.getElementById("metrics"));
     var facts = [["latents in this dashboard", summary.n_features], ["signed activations", summary.signed ? "yes" : "no"]];
     if (summary.selection) facts.splice(1, 0, ["chosen by", summary.selection]);
-    facts.concat(flatten(summary.metrics || {}, "", [])).forEach(function (kv) {
+    facts.forEach(function (kv) {
       metrics.appendChild(el("tr", {}, [el("th", { text: kv[0] }), el("td", { text: fmt(kv[1]) })]));
+    });
+    var names = summary.metric_names || {};
+    flatten(summary.metrics || {}, "", []).forEach(function (kv) {
+      var value = /fraction$/.test(kv[0]) ? fmtDensity(kv[1]) : fmt(kv[1]);
+      metrics.appendChild(el("tr", {}, [el("th", { text: names[kv[0]] || kv[0], title: kv[0] }), el("td", { text: value })]));
     });
     var hist = summary.density_histogram;
     if (hist && hist.counts.length) {
@@ -149,6 +191,7 @@ var saelab = (function () {
 
     function sortValue(row, key) {
       if (key === "flags") return (row.dead ? 2 : 0) + (row.dense ? 1 : 0);
+      if (key === "label") return row.label || null;
       if (key === "top_tokens") return row.top_tokens.length ? row.top_tokens[0] : null;
       return row[key];
     }
@@ -182,9 +225,11 @@ var saelab = (function () {
           el("td", { className: "num", text: fmt(row.max_act) }),
           el("td", { className: "num", text: fmt(row.mean_act) }),
           el("td", {}, badges(row.dead, row.dense)),
+          el("td", {}, labelCell(row.id)),
           el("td", { className: "tokens" }, row.top_tokens.map(tokenChip)),
         ]));
       });
+      renderTokenMatches(summary, rows, state.query.trim().toLowerCase());
       headers.forEach(function (th) {
         var sorted = th.getAttribute("data-key") === state.key;
         th.setAttribute("aria-sort", sorted ? (state.dir > 0 ? "ascending" : "descending") : "none");
@@ -216,6 +261,48 @@ var saelab = (function () {
     document.getElementById("prev").addEventListener("click", function () { state.page -= 1; render(); });
     document.getElementById("next").addEventListener("click", function () { state.page += 1; render(); });
     render();
+  }
+
+  var TOKEN_MATCHES_SHOWN = 100;
+
+  /* Below the table: every latent of the SAE whose top tokens match the query, built or not (the token index). */
+  function renderTokenMatches(summary, rows, query) {
+    var panel = document.getElementById("token-search");
+    if (!panel) return;
+    var built = {};
+    rows.forEach(function (row) { built[row.id] = true; });
+    var matches = tokenMatches(query);
+    panel.classList.toggle("hidden", !query || !window.SAELAB_TOKENS);
+    var body = clear(document.querySelector("#token-matches tbody"));
+    var topK = (window.SAELAB_TOKENS || {}).top_k;
+    var unbuilt = matches.filter(function (m) { return !built[m.id]; });
+    document.getElementById("token-count").textContent = matches.length + " of " + fmt(summary.d_sae) +
+      " latents list a token matching \u201c" + query + "\u201d among the top tokens of their top " + topK +
+      " activations; " + (matches.length - unbuilt.length) + " have a page here" +
+      (matches.length > TOKEN_MATCHES_SHOWN ? " (the first " + TOKEN_MATCHES_SHOWN + " shown)" : "") + ".";
+    matches.slice(0, TOKEN_MATCHES_SHOWN).forEach(function (m) {
+      var link = built[m.id] ? featureLink(m.id)
+        : el("a", { href: "feature.html?id=" + Number(m.id), className: "unbuilt", text: m.id + " (no page)",
+                    title: "Not in this dashboard: the page explains how to build it" });
+      var chips = m.tokens.map(function (entry) {
+        var chip = tokenChip(entry[0]);
+        chip.title = entry[1] + " of its top " + topK + " activations";
+        if (m.matched.indexOf(entry) >= 0) chip.classList.add("match");
+        return chip;
+      });
+      body.appendChild(el("tr", { "data-id": m.id }, [
+        el("td", { className: "num" }, [link]),
+        el("td", { className: "num", text: m.hits + " of " + topK }),
+        el("td", {}, labelCell(m.id)),
+        el("td", { className: "tokens" }, chips),
+      ]));
+    });
+    var note = clear(document.getElementById("token-build"));
+    if (unbuilt.length) {
+      var ids = unbuilt.slice(0, TOKEN_MATCHES_SHOWN).map(function (m) { return m.id; });
+      note.appendChild(document.createTextNode("Build pages for the matching latents without one: "));
+      note.appendChild(el("code", { text: buildCommand(summary, ids, "dashboard_search") }));
+    }
   }
 
   /* ---------------------------------------------------------------- feature page */
@@ -272,6 +359,7 @@ var saelab = (function () {
                 summary);
       } else {
         explain(status, "Latent " + id + " has no page in this dashboard.", summary, id);
+        livePanels(document.getElementById("feature"), id, null, summary);
       }
       return;
     }
@@ -342,6 +430,7 @@ var saelab = (function () {
     var title = clear(document.getElementById("title"));
     title.appendChild(document.createTextNode("Latent " + f.id + " "));
     badges(f.dead, f.dense).forEach(function (b) { title.appendChild(b); });
+    showLabel(f.id);
     var position = rows.findIndex(function (row) { return row.id === f.id; });
     [["prev-feature", position - 1, "← latent "], ["next-feature", position + 1, "latent "]].forEach(function (nav) {
       var link = document.getElementById(nav[0]);
@@ -410,7 +499,10 @@ var saelab = (function () {
       right.appendChild(section("Direct feature attribution by head", [heads]));
     }
     main.appendChild(statLine);
+    var live = el("div", { id: "live" });
+    main.appendChild(live);
     main.appendChild(el("div", { className: "columns" }, [left, right]));
+    livePanels(live, f.id, f, summary);
 
     if (f.histogram && f.histogram.counts.length) {
       bars(histogram, f.histogram.edges, f.histogram.counts,
@@ -424,6 +516,171 @@ var saelab = (function () {
                      { height: 220, margin: { l: 50, r: 10, t: 10, b: 30 }, yaxis: { title: { text: "mean DFA" } } },
                      { displayModeBar: false, responsive: true });
     }
+  }
+
+  /* The label and notes of latent `id` under the page title. */
+  function showLabel(id) {
+    var label = labelOf(id);
+    var title = document.getElementById("title");
+    var old = document.getElementById("feature-label");
+    if (old) old.parentNode.removeChild(old);
+    if (label && label.label) title.appendChild(el("span", { id: "feature-label", className: "label", text: label.label }));
+    var notes = document.getElementById("feature-notes");
+    if (!notes) {
+      notes = el("p", { id: "feature-notes", className: "notes" });
+      title.parentNode.insertBefore(notes, document.getElementById("subtitle").nextSibling);
+    }
+    notes.textContent = label ? label.notes : "";
+  }
+
+  /* ---------------------------------------------------------------- live panels (saelab serve) */
+
+  /* POST a JSON body to the server; resolves with the answer, rejects with the server's one-sentence error. */
+  function post(path, body) {
+    return fetch(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) })
+      .then(function (response) {
+        return response.json().then(function (data) {
+          if (!response.ok) throw new Error(data.error || response.statusText);
+          return data;
+        });
+      });
+  }
+
+  /* callback(info) with the server's /api/info when this page came from `saelab serve`, else callback(null);
+     a page opened from disk asks nothing (a request from file:// would be a console error). */
+  function whenServed(callback) {
+    if (location.protocol === "file:") {
+      callback(null);
+      return;
+    }
+    fetch("api/info").then(function (response) { return response.ok ? response.json() : null; })
+      .then(callback, function () { callback(null); });
+  }
+
+  function livePanels(container, id, f, summary) {
+    whenServed(function (info) {
+      if (!info) {
+        container.appendChild(el("p", { id: "live-hint", className: "muted note" }, [
+          "To see this latent on your own text, steer with it and label it, serve this dashboard: ",
+          el("code", { text: summary.serve_command || "saelab serve --sae SAE_FOLDER" }), "."]));
+        return;
+      }
+      var scale = f ? (summary.signed ? Math.max(Math.abs(f.max_act || 0), Math.abs(f.min_act || 0)) : f.max_act) : 0;
+      var panels = [textPanel(id, scale), steerPanel(id, scale, info)];
+      if (info.labels_editable) panels.push(labelPanel(id));
+      container.appendChild(el("div", { className: "columns live" }, panels));
+    });
+  }
+
+  function field(label, input) {
+    return el("label", { className: "field" }, [el("span", { text: label }), input]);
+  }
+
+  function busy(button, status, text) {
+    button.disabled = true;
+    status.className = "muted";
+    status.textContent = text;
+  }
+
+  function failed(button, status) {
+    return function (error) {
+      button.disabled = false;
+      status.className = "error";
+      status.textContent = error.message;
+    };
+  }
+
+  /* Your own text: this latent's activation on every token, and the latents most active anywhere in it. */
+  function textPanel(id, scale) {
+    var box = el("textarea", { id: "live-text", rows: "3", placeholder: "Type or paste some text" });
+    var run = el("button", { id: "live-run", type: "button", text: "Show activations" });
+    var status = el("span", { id: "live-status", className: "muted" });
+    var out = el("div", { id: "live-out" });
+    run.addEventListener("click", function () {
+      busy(run, status, "running the model…");
+      post("api/activations", { text: box.value, latent: id }).then(function (data) {
+        run.disabled = false;
+        status.textContent = "";
+        clear(out);
+        var firing = data.acts.filter(function (a) { return a !== 0; });
+        var peak = firing.reduce(function (m, a) { return Math.max(m, Math.abs(a)); }, 0);
+        out.appendChild(el("p", { id: "live-summary", className: "muted note",
+          text: "Latent " + id + " fires on " + firing.length + " of " + data.tokens.length + " tokens" +
+                (firing.length ? " (strongest " + fmt(peak) + ")." : ".") }));
+        out.appendChild(tokenLine({ tokens: data.tokens, acts: data.acts, focus: -1 }, Math.max(scale || 0, peak) || 1));
+        out.appendChild(el("h3", { text: "Latents most active in this text" }));
+        out.appendChild(el("table", { id: "live-top", className: "neighbours" }, data.top.map(function (row) {
+          var link = featureLink(row.latent);
+          if (row.latent === id) link.classList.add("current");
+          return el("tr", { "data-id": row.latent }, [
+            el("td", { className: "num" }, [link]),
+            el("td", { className: "num", text: fmt(row.max) }),
+            el("td", {}, [tokenChip(row.token)]),
+            el("td", { className: "muted", text: row.firing + " tok" }),
+            el("td", {}, labelCell(row.latent)),
+          ]);
+        })));
+      }, failed(run, status));
+    });
+    return section("Your text", [box, el("div", { className: "actions" }, [run, status]), out], "column wide");
+  }
+
+  /* Steering: completions of a prompt with and without this latent, and the change of the next-token loss. */
+  function steerPanel(id, scale, info) {
+    var strength = { add: Math.round(2 * (scale || 8)), clamp: Math.round(2 * (scale || 8)), project: 0 };
+    var mode = el("select", { id: "steer-mode" }, ["add", "clamp", "project"].map(function (m) {
+      return el("option", { value: m, text: m });
+    }));
+    var alpha = el("input", { id: "steer-alpha", type: "number", step: "any", value: String(strength.add) });
+    mode.addEventListener("change", function () { alpha.value = String(strength[mode.value]); });
+    var prompt = el("input", { id: "steer-prompt", type: "text", value: "In the beginning" });
+    var count = el("input", { id: "steer-tokens", type: "number", min: "1", max: String(info.max_new_tokens), value: "24" });
+    var run = el("button", { id: "steer-run", type: "button", text: "Generate" });
+    var status = el("span", { id: "steer-status", className: "muted" });
+    var out = el("div", { id: "steer-out" });
+    run.addEventListener("click", function () {
+      busy(run, status, "generating with and without steering…");
+      post("api/steer", { latent: id, mode: mode.value, alpha: parseFloat(alpha.value), prompt: prompt.value,
+                          max_new_tokens: parseInt(count.value, 10) }).then(function (data) {
+        run.disabled = false;
+        status.textContent = "";
+        clear(out);
+        out.appendChild(el("h3", { text: "without steering" }));
+        out.appendChild(el("p", { id: "steer-clean", className: "completion", text: data.clean }));
+        out.appendChild(el("h3", { text: mode.value + " latent " + id + " at " + alpha.value }));
+        out.appendChild(el("p", { id: "steer-steered", className: "completion", text: data.steered }));
+        var change = data.loss_change;
+        out.appendChild(el("p", { id: "steer-loss", className: "muted note", title: data.reference,
+          text: "Next-token loss on the prompt and the clean completion: " + fmt(data.clean_loss) + " without, " +
+                fmt(data.steered_loss) + " with steering (" + (change >= 0 ? "+" : "") + fmt(change) + " nats)." }));
+      }, failed(run, status));
+    });
+    var controls = el("div", { className: "fields" }, [
+      field("mode", mode), field(info.signed ? "strength (negative: the opposite sign)" : "strength", alpha),
+      field("new tokens", count)]);
+    return section("Steer with latent " + id, [controls, field("prompt", prompt),
+                                                el("div", { className: "actions" }, [run, status]), out], "column");
+  }
+
+  /* The latent's label and notes, saved to the SAE's labels.json. */
+  function labelPanel(id) {
+    var current = labelOf(id) || { label: "", notes: "" };
+    var text = el("input", { id: "label-text", type: "text", value: current.label, maxlength: "200" });
+    var notes = el("textarea", { id: "label-notes", rows: "3" });
+    notes.value = current.notes;
+    var save = el("button", { id: "label-save", type: "button", text: "Save" });
+    var status = el("span", { id: "label-status", className: "muted" });
+    save.addEventListener("click", function () {
+      busy(save, status, "saving…");
+      post("api/labels", { latent: id, label: text.value, notes: notes.value }).then(function (labels) {
+        window.SAELAB_LABELS = labels;
+        save.disabled = false;
+        status.textContent = "saved";
+        showLabel(id);
+      }, failed(save, status));
+    });
+    return section("Label", [field("label", text), field("notes", notes), el("div", { className: "actions" }, [save, status])],
+                   "column narrow");
   }
 
   return { register: register, renderIndex: renderIndex, renderFeature: renderFeature, visible: visible };

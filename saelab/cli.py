@@ -18,7 +18,9 @@ from saelab.config import (
     DashboardCommand,
     DeadCommand,
     EvalCommand,
+    LabelCommand,
     ModelConfig,
+    ServeCommand,
     SteerCommand,
     add_arguments,
     from_args,
@@ -142,6 +144,25 @@ SUBCOMMANDS = (
         "or the component along them rescaled (project), for each --alpha; also prints the next-token loss on "
         "--reference with and without steering. The Python API (saelab.steering) does more: several "
         "interventions, sweeps, feature lookup.",
+    ),
+    _Subcommand(
+        "serve",
+        ServeCommand,
+        _run,
+        help="Serve an SAE's dashboard with live panels: your own text, steering and labels, from the feature pages.",
+        description="Load the SAE and its model once and serve the dashboard `saelab dashboard` built for it "
+        "(<sae>/dashboard unless --dashboard). Every feature page gains a text box showing this latent's activation "
+        "on each token of your text with the text's top latents, a steering panel (add / clamp / project at a "
+        "strength, completions with and without it and the loss change) and a label editor. Ctrl-C stops.",
+    ),
+    _Subcommand(
+        "label",
+        LabelCommand,
+        _run,
+        help="Label latents (a name and notes kept in labels.json beside the SAE), or list the labels.",
+        description="Give latents a one-line label and notes, kept in <sae>/labels.json. `saelab dashboard` shows "
+        "them on the index and the feature pages and searches them; `saelab serve` shows and edits them live. "
+        "With --feature only, print those latents' labels; with no --feature, list every label.",
     ),
 )
 

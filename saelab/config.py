@@ -636,3 +636,52 @@ class SteerCommand:
 
     model: SAEModelConfig = field(default_factory=SAEModelConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
+
+
+# --- labels and the live dashboard server ----------------------------------------------------------
+
+
+@dataclass
+class LabelConfig(Section):
+    sae: str = option("", "SAE folder whose labels.json (beside sae.safetensors) holds the labels.")
+    feature: list[int] = option(
+        [], "Latent id(s) to label, show or --remove; none: list every label of the SAE.", min=0
+    )
+    label: str = option("", "A short name for the latent(s), one line, e.g. 'LORD in the KJV'.")
+    notes: str = option("", "Free-form notes for the latent(s), shown on their pages and searched in the index.")
+    remove: bool = option(False, "Remove the label and notes of the --feature latent(s).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.label or self.notes or self.remove) and not self.feature:
+            raise SaelabError("Name the latent(s) to label with --feature, e.g. --feature 5789 --label 'LORD'.")
+        if self.remove and (self.label or self.notes):
+            raise SaelabError("--remove takes no --label or --notes; give one or the other.")
+
+
+@dataclass
+class LabelCommand:
+    """`saelab label`: give latents labels and notes (a labels.json sidecar beside the SAE), or list them."""
+
+    label: LabelConfig = field(default_factory=LabelConfig)
+
+
+@dataclass
+class ServeConfig(Section):
+    sae: str = option("", "SAE folder to serve (the same folder `saelab dashboard --sae` took).")
+    dashboard: str = option(
+        "", "The static site `saelab dashboard` built for it; empty: <sae>/dashboard.", check=check_folder
+    )
+    host: str = option("127.0.0.1", "Address to listen on (127.0.0.1: this machine only).")
+    port: int = option(8000, "Port to listen on (0: any free port).", min=0, max=65535)
+    max_text_tokens: int = option(
+        512, "Longest text (in tokens) the live activation and steering panels accept per request.", min=1
+    )
+
+
+@dataclass
+class ServeCommand:
+    """`saelab serve`: the dashboard of one SAE with live text activations, steering and label editing."""
+
+    model: SAEModelConfig = field(default_factory=SAEModelConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 from test_dashboard_site import HOSTILE, WHITESPACE, fake_dashboard
+from test_serve import TEXT, served  # noqa: F401 (a fixture)
 
 from saelab.dashboard.site import write_site
+from saelab.labels import Label
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():
@@ -39,10 +41,13 @@ def shown(token: str) -> str:
     )  # more rows than one table page (200), and a latent alone in a far chunk
 
 
+LABELS = {3: Label("hostile <b>", "a note about\nthe deep"), 10: Label("tenth latent", "")}
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     summary, features = fake_dashboard(IDS, signed=True)
-    index = write_site(tmp_path_factory.mktemp("site"), summary, features)
+    index = write_site(tmp_path_factory.mktemp("site"), summary, features, labels=LABELS)
     return index, {f["id"]: f for f in features}
 
 
@@ -103,6 +108,12 @@ def test_index_sorts_filters_and_pages(site, page):
     page.uncheck("#show-dense")
     assert page.locator("#features .badge.dead").count() > 0 and page.locator("#features .badge.dense").count() == 0
 
+    assert page.is_hidden("#token-search")
+    page.fill("#search", "TENTH")  # labels and notes are searched too
+    assert table_ids(page) == [10] and page.text_content("#features tbody .label") == "tenth latent"
+    page.fill("#search", "note about")
+    assert table_ids(page) == [3]
+
     page.fill("#search", "__pwned")
     assert table_ids(page) == [3]
     page.click("#features tbody a")
@@ -112,12 +123,41 @@ def test_index_sorts_filters_and_pages(site, page):
     assert table_ids(page) == [3] and page.input_value("#search") == "__pwned"
 
 
+def test_token_search_finds_every_latent_with_or_without_a_page(site, page):
+    """The token index lists the top tokens of all 1,001 latents; every fifth latent without a page (260..995)
+    fires on " LORD" in the fake data, and none of the built ones does."""
+    index, _ = site
+    page.goto(index.as_uri())
+    page.fill("#search", "lord")
+    assert table_ids(page) == []  # no built latent lists it
+    lord = [i for i in range(1001) if i % 5 == 0 and i not in IDS]
+    assert page.text_content("#token-count") == (
+        f"{len(lord)} of 1,001 latents list a token matching \u201clord\u201d among the top tokens of their top 6 "
+        "activations; 0 have a page here (the first 100 shown)."
+    )
+    rows = page.eval_on_selector_all("#token-matches tbody tr", "rows => rows.map(r => [r.dataset.id, "
+                                     "r.querySelector('a').getAttribute('href'), r.cells[1].textContent, "
+                                     "r.querySelectorAll('.chip.match').length])")  # fmt: skip
+    assert rows == [[str(i), f"feature.html?id={i}", "4 of 6", 1] for i in lord[:100]]
+    assert "--select ids --features " + " ".join(map(str, lord[:100])) + " --out" in page.text_content("#token-build")
+    page.fill("#search", " waters")  # built latents (with a page: linked) and unbuilt ones, most hits first
+    assert 0 < len(table_ids(page)) and page.locator("#token-matches a.unbuilt").count() > 0
+    built_links = page.eval_on_selector_all("#token-matches a:not(.unbuilt)", "links => links.map(a => a.textContent)")
+    assert sorted(map(int, built_links)) == sorted(table_ids(page))
+    page.click("#token-matches a.unbuilt")  # a latent without a page: the page explains how to build it
+    page.wait_for_selector("#status code")
+    assert "has no page in this dashboard" in page.text_content("#status")
+
+
 def test_feature_page_highlights_and_escapes(site, page, tmp_path):
     index, features = site
     feature = features[3]
     page.goto(index.with_name("feature.html").as_uri() + "?id=3")
     page.wait_for_selector("#activation-histogram.js-plotly-plot svg .bars path")
     assert page.text_content("#title").startswith("Latent 3")
+    assert page.text_content("#feature-label") == "hostile <b>" and page.text_content("#feature-notes") == "a note about\nthe deep"
+    # from disk there is no server: the page says how to get the live panels instead of asking for them
+    assert "saelab serve --sae SAE_FOLDER" in page.text_content("#live-hint") and page.locator("#live-text").count() == 0
 
     examples = feature["top"] + [e for q in reversed(feature["quantiles"]) for e in q["examples"]]  # highest first
     spans = page.eval_on_selector_all(
@@ -201,3 +241,102 @@ def test_feature_page_explains_ids_it_cannot_show(site, page):
     assert not [url for url in page.requests if "/data/features_" in url]
     page.click("#status a")
     page.wait_for_selector("#features tbody tr")
+
+
+# ---------------------------------------------------------------- served by `saelab serve`
+
+
+@pytest.fixture(scope="module")
+def server(served, tiny_model):
+    """The tiny SAE's real dashboard (latents 0-7) served with its live panels on a free port."""
+    from saelab.dashboard.live import LiveSAE
+    from saelab.dashboard.server import LocalServer, create_app
+
+    folder, sae = served
+    live = LiveSAE(sae, tiny_model, folder, max_text_tokens=64)
+    running = LocalServer(create_app(live, folder / "dashboard"), port=0).start()
+    yield running, live
+    running.stop()
+
+
+@pytest.fixture
+def served_page(browser):
+    """A page that records script and console errors, checked after the test body."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.on("console", lambda message: page.errors.append(message.text) if message.type == "error" else None)
+    yield page
+    assert page.errors == []
+    page.close()
+
+
+def test_live_text_steering_and_labels_from_a_served_feature_page(server, served_page, tmp_path):
+    running, live = server
+    page = served_page
+    (live.sae_folder / "labels.json").unlink(missing_ok=True)
+    strongest = {i: max(map(abs, live.activations(TEXT, i)["acts"])) for i in range(8)}
+    latent = max(strongest, key=strongest.get)
+    assert strongest[latent] > 0  # a latent with a page that fires on the text
+    page.goto(f"{running.url}feature.html?id={latent}")
+    page.wait_for_selector("#live-text")
+    assert page.locator("#live-hint").count() == 0
+
+    # your own text: this latent's activation on every token, highlighted, and the text's top latents
+    page.fill("#live-text", TEXT)
+    page.click("#live-run")
+    page.wait_for_selector("#live-out .tok")
+    expected = live.activations(TEXT, latent)
+    spans = page.eval_on_selector_all("#live-out .tok", "spans => spans.map(s => [s.textContent, s.dataset.act, "
+                                      "s.classList.contains('pos') || s.classList.contains('neg')])")  # fmt: skip
+    assert [text for text, _, _ in spans] == [shown(t) for t in expected["tokens"]]
+    assert [float(act) for _, act, _ in spans] == pytest.approx(expected["acts"], rel=1e-5)
+    assert [lit for _, _, lit in spans] == [a != 0 for a in expected["acts"]] and any(lit for _, _, lit in spans)
+    top = page.eval_on_selector_all("#live-top tr", "rows => rows.map(r => Number(r.dataset.id))")
+    assert top == [row["latent"] for row in expected["top"]]
+
+    # steering: the completion changes, and the loss change is reported
+    page.select_option("#steer-mode", "add")
+    page.fill("#steer-alpha", "40")
+    page.fill("#steer-prompt", "In the beginning")
+    page.fill("#steer-tokens", "6")
+    page.click("#steer-run")
+    page.wait_for_selector("#steer-steered")
+    steered = live.steer(latent, "add", 40.0, "In the beginning", 6)
+    assert page.text_content("#steer-clean") == steered["clean"]
+    assert page.text_content("#steer-steered") == steered["steered"] != steered["clean"]
+    assert "nats" in page.text_content("#steer-loss")
+    page.fill("#steer-alpha", "")  # a bad value: the server's sentence, not a stack trace
+    page.click("#steer-run")
+    page.wait_for_selector("#steer-status.error")
+    assert "--alpha takes a finite number" in page.text_content("#steer-status")
+    assert page.errors == ["Failed to load resource: the server responded with a status of 400 (Bad Request)"]
+    page.errors.clear()  # the browser logs every 4xx answer; that one was asked for
+
+    # labels: saved to the SAE's labels.json, shown at once, then on the index (served fresh)
+    page.fill("#label-text", "my latent")
+    page.fill("#label-notes", "seen in Genesis")
+    page.click("#label-save")
+    page.wait_for_selector("#feature-label")
+    assert page.text_content("#feature-label") == "my latent"
+    assert live.labels() == {str(latent): {"label": "my latent", "notes": "seen in Genesis"}}
+    screenshot = Path(os.environ.get("SAELAB_SERVE_SCREENSHOT") or tmp_path / "served.png")
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+    page.goto(running.url + "index.html")
+    page.fill("#search", "genesis")
+    page.wait_for_selector("#features tbody tr")
+    assert table_ids(page) == [latent]
+
+
+def test_a_latent_without_a_page_still_gets_the_live_panels(server, served_page):
+    running, live = server
+    page = served_page
+    page.goto(f"{running.url}feature.html?id=90")
+    page.wait_for_selector("#live-text")
+    assert "Latent 90 has no page in this dashboard." in page.text_content("#status")
+    page.fill("#live-text", TEXT)
+    page.click("#live-run")
+    page.wait_for_selector("#live-summary")
+    fired = sum(a != 0 for a in live.activations(TEXT, 90)["acts"])
+    assert page.text_content("#live-summary").startswith(f"Latent 90 fires on {fired} of ")

@@ -23,7 +23,10 @@ from saelab.sae.registry import create_sae
 
 RESID = "blocks.1.hook_resid_post"
 HOOK_Z = "blocks.0.attn.hook_z"
-SUMMARY_KEYS = {"sae", "architecture", "hook", "model", "d_sae", "n_tokens", "signed", "metrics", "density_histogram"}
+SUMMARY_KEYS = {
+    "sae", "architecture", "hook", "model", "d_sae", "n_tokens", "signed", "metrics", "metric_names",
+    "density_histogram", "top_k", "latent_tokens",
+}  # fmt: skip
 FEATURE_KEYS = {
     "id",
     "density",
@@ -132,11 +135,16 @@ def top_rows(dense, latent, top_k, signed):
     return sorted((column != 0).nonzero().squeeze(1).tolist(), key=lambda t: (-float(key[t]), t))[:top_k]
 
 
+def top_token_counts(dense, everything, latent, top_k, signed, tokenizer, m=10):
+    """A latent's most common top-example tokens with how many of its top_k examples are on each, most common first
+    (ties: the better example's token first)."""
+    rows = top_rows(dense, latent, top_k, signed)
+    return Counter(tokenizer.decode([int(everything.token_ids[r])]) for r in rows).most_common(m)
+
+
 def top_tokens(dense, everything, latent, top_k, signed, tokenizer, m=10):
     """A latent's most common top-example tokens, most common first (ties: the better example's token first)."""
-    rows = top_rows(dense, latent, top_k, signed)
-    pieces = Counter(tokenizer.decode([int(everything.token_ids[r])]) for r in rows)
-    return [token for token, _ in pieces.most_common(m)]
+    return [token for token, _ in top_token_counts(dense, everything, latent, top_k, signed, tokenizer, m)]
 
 
 def check_against_dense(summary, features, sae, cache, tiny_model, hook, top_k):
@@ -144,6 +152,12 @@ def check_against_dense(summary, features, sae, cache, tiny_model, hook, top_k):
     signed = sae.signed
     assert set(summary) == SUMMARY_KEYS and summary["n_tokens"] == cache.n_tokens and summary["signed"] == signed
     json.dumps([summary, features])  # JSON-ready
+    assert set(summary["metric_names"]) == set(summary["metrics"]) and summary["top_k"] == top_k
+    # the token index covers every latent of the SAE, with a page or not
+    assert len(summary["latent_tokens"]) == sae.d_sae
+    for latent, entries in enumerate(summary["latent_tokens"]):
+        expected = top_token_counts(dense, everything, latent, top_k, signed, tiny_model.tokenizer)
+        assert [tuple(entry) for entry in entries] == expected
     for feature in features:
         assert set(feature) == FEATURE_KEYS
         latent = feature["id"]

@@ -117,24 +117,41 @@ def fake_dashboard(ids: list[int], signed: bool = False, seed: int = 0) -> tuple
     """(summary, features) for the latents `ids` of a fake SAE, following the dashboard data contract."""
     rng = random.Random(seed)
     features = [fake_feature(i, rng, signed, ids) for i in ids]
+    d_sae = max(ids) + 1
+    built = {f["id"]: f for f in features}
+    metrics = {"l0": 31.7, "dead_fraction": 0.1, "dense_fraction": 0.1, "eval_fvu": 0.21}
     summary = {
         "sae": "blocks.1.hook_resid_post__fake",
         "architecture": "abstopk" if signed else "topk",
         "hook": "blocks.1.hook_resid_post",
         "model": "tiny-native",
-        "d_sae": max(ids) + 1,
+        "d_sae": d_sae,
         "n_tokens": 40_960,
         "signed": signed,
-        "metrics": {"l0": 31.7, "dead_fraction": 0.1, "dense_fraction": 0.1, "fvu": 0.21},
+        "metrics": metrics,
+        "metric_names": {key: collect.metric_name(key, 40_960, metrics, 0.1) for key in metrics},
         "density_histogram": {
             "edges": [-6 + 0.5 * i for i in range(13)],
             "counts": [rng.randrange(50) for _ in range(12)],
         },
+        "top_k": 6,
+        "latent_tokens": [
+            [[token, 6 - j] for j, token in enumerate(built[i]["top_tokens"])] if i in built else fake_unbuilt_tokens(i)
+            for i in range(d_sae)
+        ],
     }
     return summary, features
 
 
-SUMMARY_KEYS = {"sae", "architecture", "hook", "model", "d_sae", "n_tokens", "signed", "metrics", "density_histogram"}
+def fake_unbuilt_tokens(latent: int) -> list[list]:
+    """The token-index entry of a latent without a page: every fifth fires on " LORD", the rest on nothing."""
+    return [[" LORD", 4], [" " + WORDS[latent % len(WORDS)], 2]] if latent % 5 == 0 else []
+
+
+SUMMARY_KEYS = {
+    "sae", "architecture", "hook", "model", "d_sae", "n_tokens", "signed", "metrics", "metric_names",
+    "density_histogram", "top_k",
+}  # fmt: skip  (and "latent_tokens", which the site writes to its own file)
 FEATURE_KEYS = {"id", "density", "max_act", "min_act", "mean_act", "dead", "dense", "top_tokens", "top", "quantiles",
                 "histogram", "logits", "neighbours", "heads"}  # fmt: skip
 EXAMPLE_KEYS = {"tokens", "acts", "focus", "context", "position", "heads"}
@@ -142,7 +159,8 @@ EXAMPLE_KEYS = {"tokens", "acts", "focus", "context", "position", "heads"}
 
 def assert_follows_contract(summary: dict, features: list[dict]) -> None:
     """The dashboard data contract (keys and types) that the collector writes and the site reads."""
-    assert set(summary) == SUMMARY_KEYS and isinstance(summary["signed"], bool) and isinstance(summary["metrics"], dict)
+    assert set(summary) - {"latent_tokens"} == SUMMARY_KEYS and isinstance(summary["signed"], bool)
+    assert isinstance(summary["metrics"], dict) and set(summary["metric_names"]) == set(summary["metrics"])
     histograms = [summary["density_histogram"]] + [f["histogram"] for f in features]
     assert all(len(h["edges"]) == len(h["counts"]) + 1 or h["counts"] == [] for h in histograms)
     for f in features:
@@ -198,9 +216,14 @@ def test_files_and_chunks(built):
 
 def test_data_files_parse_back_to_the_input(built):
     out, _, summary, features = built
+    without_tokens = {key: value for key, value in summary.items() if key != "latent_tokens"}
     assert read_js(out / "data/summary.js", "window.SAELAB_SUMMARY = ", ";\n") == {
-        **summary, "n_features": len(IDS), "chunk_size": site.CHUNK_SIZE
+        **without_tokens, "n_features": len(IDS), "chunk_size": site.CHUNK_SIZE
     }  # fmt: skip
+    assert read_js(out / "data/tokens.js", "window.SAELAB_TOKENS = ", ";\n") == {
+        "top_k": 6, "latents": summary["latent_tokens"]
+    }  # fmt: skip
+    assert read_js(out / "data/labels.js", "window.SAELAB_LABELS = ", ";\n") == {}
     parsed = [f for chunk in (0, 1, 2, 15) for f in read_chunk(out, chunk)["features"]]
     assert parsed == features
     index = read_js(out / "data/index.js", "window.SAELAB_INDEX = ", ";\n")
@@ -228,12 +251,13 @@ def test_site_is_offline(built):
     # plotly's own bundle names XML namespaces and map-tile servers it never loads for bar charts; everything
     # saelab writes names no URL at all, and every script and stylesheet is a relative path.
     ours = [p for p in out.rglob("*") if p.is_file() and p.name != "plotly.min.js"]
-    assert len(ours) == 10
+    assert len(ours) == 12
     for path in ours:
         assert not re.search(r"https?:|//cdn", path.read_text(encoding="utf-8")), path
     for page in ("index.html", "feature.html"):
         html = (out / page).read_text(encoding="utf-8")
-        refs = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert '<link rel="icon" href="data:,">' in html  # an empty inline icon: no favicon request to a server
+        refs = [ref for ref in re.findall(r'(?:src|href)="([^"]+)"', html) if ref != "data:,"]
         assert refs and all(not ref.startswith(("/", "http", "//")) and (out / ref).is_file() for ref in refs), refs
 
 
@@ -308,6 +332,7 @@ def test_cli_passes_options_to_the_collector_and_writes_the_site(tiny_sae_and_ca
     written = read_js(index.parent / "data/summary.js", "window.SAELAB_SUMMARY = ", ";\n")
     assert written["selection"] == "--select ids --features 3 90"
     assert written["build_command"] == f"saelab dashboard --sae {sae_folder} --cache {cache} --model none"
+    assert written["serve_command"] == f"saelab serve --sae {sae_folder}"
 
     out = sae_folder.parent / "elsewhere"
     assert main([*argv, "--n-features", "10", "--out", str(out)]) == 0
@@ -348,6 +373,7 @@ def test_cli_with_the_real_collector(tiny_sae_and_cache):
         summary = read_js(out / "data/summary.js", "window.SAELAB_SUMMARY = ", ";\n")
         features = read_chunk(out, 0)["features"] + read_chunk(out, 1)["features"]
         assert_follows_contract({k: summary[k] for k in SUMMARY_KEYS}, features)
+        assert len(read_js(out / "data/tokens.js", "window.SAELAB_TOKENS = ", ";\n")["latents"]) == 96
         assert [f["id"] for f in features] == [0, 95] and summary["signed"] == (folder == hook_z_folder)
         if folder == hook_z_folder:
             assert all(len(f["heads"]) == 4 and f["logits"] is not None for f in features if not f["dead"])

@@ -1,5 +1,5 @@
 """The `saelab` subcommands driven by a config, one module each: cache, train, dead, eval, darkmatter, dashboard,
-steer.
+steer, serve, label.
 
 Each module's `run(command, progress=True)` takes the command's config (saelab.config), checks its options, loads
 what it needs, runs the engine (saelab.analysis, saelab.dashboard, saelab.steering), writes the command's files and

@@ -28,6 +28,7 @@ def run(command: DashboardCommand, progress: bool = True) -> DashboardResult:
     from saelab.dashboard.collect import collect_dashboard_data
     from saelab.dashboard.selection import select_latents
     from saelab.dashboard.site import write_site
+    from saelab.labels import read_labels
     from saelab.models import load_model, load_tokenizer
     from saelab.sae.io import load_saes
 
@@ -72,9 +73,16 @@ def run(command: DashboardCommand, progress: bool = True) -> DashboardResult:
         folder=options.sae,
         seed=options.seed,
     )
-    summary = {**summary, "selection": _selection_text(options), "build_command": _build_command(command)}
     out = Path(options.out) if options.out else Path(options.sae) / "dashboard"
-    return DashboardResult(write_site(out, summary, records, progress=progress))
+    serve = ["saelab", "serve", "--sae", options.sae] + (["--dashboard", str(out)] if options.out else [])
+    summary = {
+        **summary,
+        "selection": _selection_text(options),
+        "build_command": _build_command(command),
+        "serve_command": shlex.join(serve),
+    }
+    labels = read_labels(options.sae) if Path(options.sae).is_dir() else {}
+    return DashboardResult(write_site(out, summary, records, progress=progress, labels=labels))
 
 
 def _selection_text(options) -> str:

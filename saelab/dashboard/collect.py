@@ -30,16 +30,20 @@ Besides the pass:
   W_O, d_i reshaped [n_heads, d_head]). The final norm is ignored (the direct logit effect, as SAELens and
   Neuronpedia show it). None without a model, for encoders (attention not causal), and for hooks whose width is
   not d_model;
+- the token index: every latent that is not requested gets a streaming top-k of its own in the pass (keys only; no
+  samples, histograms or windows), so summary["latent_tokens"] lists the top tokens of every latent of the SAE,
+  with a page or without (see below);
 - neighbours: the other latents with the highest cosine between decoder rows, each with its top tokens (up to
-  NEIGHBOUR_TOKENS, as its own page would list them). Neighbours that are not among the requested latents get a
-  streaming top-k of their own in the pass (keys only; no samples, histograms or windows), so a page can show what
-  a neighbour without a page fires on;
+  NEIGHBOUR_TOKENS, as its own page would list them), so a page can show what a neighbour without a page fires on;
 - heads (attn.hook_z SAEs with a model, which gives n_heads): direct feature attribution of the pre-activation by
   head (saelab.analysis.attribution.head_attribution; with its bias term the heads sum to the pre-activation).
 
 summary["metrics"] is flat: l0, dead_fraction and dense_fraction over the tokens read, plus eval_<name> for every
 number of the reconstruction, sparsity and downstream sections of the SAE folder's eval.json (when `folder` is given
-and has one). Feature "heads" is the mean of the top examples' head attributions (None for dead latents).
+and has one); summary["metric_names"] gives each a human name that says which tokens it was measured on.
+summary["latent_tokens"][i] is latent i's top tokens as [token, how many of its top_k top activations are on it],
+most first (the first entries are its page's "top_tokens"), for all d_sae latents: the site writes it to its own
+token-index file. Feature "heads" is the mean of the top examples' head attributions (None for dead latents).
 
 Reading `n_tokens` tokens covers the first n_tokens stored tokens (at most the whole cache); windows stay within
 those tokens.
@@ -358,7 +362,7 @@ class _Pass:
 
     def __init__(self, sae: SAE, latents: torch.Tensor, top_k: int, sample_size: int, seed: int, extra: torch.Tensor):
         """latents [n]: the requested latents (slots 0..n-1); extra [m]: other latents that only need their top
-        examples' tokens (the neighbours without a page)."""
+        examples' tokens (every latent without a page, for the token index and the neighbours)."""
         device = sae.W_enc.device
         n = len(latents)
         self.slot_of = torch.full((sae.d_sae,), -1, dtype=torch.long, device=device)
@@ -398,11 +402,16 @@ class _Pass:
             if self.record.nbytes > RECORD_BUDGET_BYTES:
                 self.record = None  # too dense to keep: windows re-encode their rows after the pass
         if self.extra_top is not None:
-            extra = self.extra_slot_of[code.layout.indices]
-            hit = ((extra >= 0) & (code.values != 0)).nonzero().squeeze(1)
-            values = code.values[hit].detach()
-            keys = values.abs() if self.signed else values
-            self.extra_top.update(extra[hit], keys, code.layout.rows[hit] + first_token, values)
+            add_top_entries(self.extra_top, self.extra_slot_of, code, first_token, self.signed)
+
+
+def add_top_entries(top: StreamingTopK, slot_of: torch.Tensor, code, first_token: int, signed: bool) -> None:
+    """Feed a batch's sparse code to `top`: each nonzero entry at a latent with a slot (slot_of [d_sae], -1: none),
+    keyed by its activation (|activation| when signed), with its cache row (first_token + row in the batch)."""
+    slots = slot_of[code.layout.indices]
+    hit = ((slots >= 0) & (code.values != 0)).nonzero().squeeze(1)
+    values = code.values[hit].detach()
+    top.update(slots[hit], values.abs() if signed else values, code.layout.rows[hit] + first_token, values)
 
 
 def _read_rows(cache: ActivationCache, hook: str, rows: torch.Tensor, with_acts: bool):
@@ -484,7 +493,7 @@ def collect_dashboard_data(
 
     neighbours = decoder_neighbours(sae, latents.to(sae.W_dec.device), n_neighbours)
     neighbour_ids = torch.unique(neighbours[0].cpu())
-    extra = neighbour_ids[~torch.isin(neighbour_ids, latents)]
+    extra = torch.ones(sae.d_sae, dtype=torch.bool).index_fill_(0, latents, False).nonzero().squeeze(1)
     sample_size = SAMPLE_PER_QUANTILE * n_quantiles if quantile_examples else 0
     state = _Pass(sae, latents, top_k, sample_size, seed, extra)
     scan_cache(sae, cache, hook, state.update, total, batch_tokens, progress)
@@ -493,16 +502,18 @@ def collect_dashboard_data(
     windows = _windows(sae, cache, hook, state, examples, total, context_before, context_after, pieces, progress)
     heads = _example_heads(sae, cache, hook, latents, examples, model)
     logits = logit_effects(sae, model, latents.to(sae.W_dec.device), n_logits)
-    top_tokens = top_token_lists(cache, state.top.tokens.cpu(), pieces, _TOP_TOKENS)
-    extra_tokens = top_token_lists(cache, state.extra_top.tokens.cpu(), pieces) if len(extra) else []
-    tokens_of = dict(zip(latents.tolist(), top_tokens)) | dict(zip(extra.tolist(), extra_tokens))
-    neighbour_tokens = {i: tokens_of[i][:NEIGHBOUR_TOKENS] for i in neighbour_ids.tolist()}
+    counts_of = dict(zip(latents.tolist(), top_token_counts(cache, state.top.tokens.cpu(), pieces)))
+    if len(extra):
+        counts_of |= dict(zip(extra.tolist(), top_token_counts(cache, state.extra_top.tokens.cpu(), pieces)))
+    neighbour_tokens = {i: top_tokens(counts_of[i], NEIGHBOUR_TOKENS) for i in neighbour_ids.tolist()}
     sparsity = state.sparsity.result()
     records = _FeatureRecords(
         state, sparsity["firing_frequency"], examples, windows, heads, logits, (*neighbours, neighbour_tokens), pieces,
-        top_tokens,
+        [top_tokens(counts_of[i]) for i in latents.tolist()],
     )  # fmt: skip
     summary = _summary(sae, hook, model_name, total, sparsity, Path(folder) if folder is not None else None)
+    summary["top_k"] = top_k
+    summary["latent_tokens"] = [[list(pair) for pair in counts_of[i].most_common(_TOP_TOKENS)] for i in range(sae.d_sae)]
     return summary, [records.record(slot, latent) for slot, latent in enumerate(latents.tolist())]
 
 
@@ -564,15 +575,16 @@ def top_tokens(counts: Counter, m: int = _TOP_TOKENS) -> list[str]:
     return [token for token, _ in counts.most_common(m)]
 
 
-def top_token_lists(cache: ActivationCache, rows: torch.Tensor, pieces: TokenPieces, m: int = _TOP_TOKENS):
-    """`top_tokens` of each latent with top-example rows [n, k] (see `top_token_counts`)."""
-    return [top_tokens(counts, m) for counts in top_token_counts(cache, rows, pieces)]
-
-
 def _summary(
     sae: SAE, hook: str, model_name: str, total: int, sparsity: dict[str, Any], folder: Path | None
 ) -> dict[str, Any]:
     """The summary of the data contract, from the pass's SparsityStats result."""
+    metrics = {
+        "l0": sparsity["l0"],
+        "dead_fraction": sparsity["dead_fraction"],
+        "dense_fraction": sparsity["dense_fraction"],
+        **_eval_metrics(folder),
+    }
     return {
         "sae": folder.resolve().name if folder is not None else str(sae.metadata.get("run") or sae.architecture),
         "architecture": sae.architecture,
@@ -581,14 +593,51 @@ def _summary(
         "d_sae": sae.d_sae,
         "n_tokens": total,
         "signed": bool(sae.signed),
-        "metrics": {
-            "l0": sparsity["l0"],
-            "dead_fraction": sparsity["dead_fraction"],
-            "dense_fraction": sparsity["dense_fraction"],
-            **_eval_metrics(folder),
-        },
+        "metrics": metrics,
+        "metric_names": {key: metric_name(key, total, metrics, sparsity["dense_threshold"]) for key in metrics},
         "density_histogram": sparsity["log10_density_histogram"],
     }
+
+
+METRIC_NAMES = {
+    "l0": "L0: latents firing per token",
+    "dead_fraction": "dead latents: never fired",
+    "dead": "dead latents (count)",
+    "dense_fraction": "dense latents: firing on over {dense:.0%} of tokens",
+    "dense": "dense latents (count)",
+    "dense_threshold": "density above which a latent counts as dense",
+    "fvu": "FVU: fraction of variance unexplained",
+    "mse": "MSE: mean squared error per token",
+    "cosine": "cosine of input and reconstruction",
+    "shrinkage": "shrinkage: reconstruction norm / input norm",
+    "ce_clean": "LM loss, clean (nats)",
+    "ce_sae": "LM loss with the SAE spliced in (nats)",
+    "ce_zero": "LM loss with the hook zero-ablated (nats)",
+    "ce_mean": "LM loss with the hook mean-ablated (nats)",
+    "ce_recovered_zero": "CE loss recovered (vs zero ablation)",
+    "ce_recovered_mean": "CE loss recovered (vs mean ablation)",
+    "delta_lm_loss": "LM loss increase with the SAE (nats)",
+    "kl_sae": "KL to the clean model with the SAE (nats)",
+    "kl_zero": "KL to the clean model, zero-ablated (nats)",
+    "kl_mean": "KL to the clean model, mean-ablated (nats)",
+    "kl_score_zero": "KL recovered (vs zero ablation)",
+    "kl_score_mean": "KL recovered (vs mean ablation)",
+    "n_tokens": "tokens evaluated",
+    "n_contexts": "contexts evaluated",
+    "n_predictions": "next-token predictions evaluated",
+}
+
+
+def metric_name(key: str, n_tokens: int, metrics: dict[str, float], dense_threshold: float) -> str:
+    """The summary table's name of a summary["metrics"] key, saying which tokens it was measured on: the dashboard's
+    scan of the (training) cache, or `saelab eval` on held-out text (keys eval_<name>, whose dense threshold is
+    metrics["eval_dense_threshold"] when eval.json gives one)."""
+    base = key.removeprefix("eval_")
+    if key.startswith("eval_"):
+        dense_threshold = metrics.get("eval_dense_threshold", dense_threshold)
+    name = METRIC_NAMES.get(base, base.replace("_", " ")).format(dense=dense_threshold)
+    where = "eval, held-out text" if key.startswith("eval_") else f"dashboard scan, {n_tokens:,} cache tokens"
+    return f"{name} ({where})"
 
 
 class _FeatureRecords:

@@ -24,7 +24,14 @@ from typing import Any
 import torch
 
 from saelab.activations.cache import ActivationCache
-from saelab.dashboard.collect import StreamingTopK, TokenPieces, scan_cache, top_token_counts, top_tokens
+from saelab.dashboard.collect import (
+    StreamingTopK,
+    TokenPieces,
+    add_top_entries,
+    scan_cache,
+    top_token_counts,
+    top_tokens,
+)
 from saelab.errors import SaelabError
 from saelab.sae.base import SAE
 from saelab.sae.io import recorded_hook
@@ -130,11 +137,10 @@ def _by_token(
     hook = recorded_hook(sae, "The SAE")
     top = StreamingTopK(sae.d_sae, top_k, sae.W_enc.device, sae.W_enc.dtype)
 
+    every_latent = torch.arange(sae.d_sae, device=sae.W_enc.device)
+
     def update(first: int, code) -> None:
-        keep = (code.values != 0).nonzero().squeeze(1)
-        values = code.values[keep].detach()
-        keys = values.abs() if sae.signed else values
-        top.update(code.layout.indices[keep], keys, code.layout.rows[keep] + first, values)
+        add_top_entries(top, every_latent, code, first, sae.signed)
 
     total = _tokens_to_scan(cache, n_tokens)
     scan_cache(sae, cache, hook, update, total, batch_tokens, progress, desc="pre-pass (--select token)")

@@ -3,15 +3,17 @@
 Browsers refuse `fetch()` of local files from a file:// page, so the data travels as JavaScript files loaded
 with <script src>: `data/summary.js` (the SAE's summary), `data/index.js` (one compact row per feature for the
 index table) and `data/features_NNNN.js` (the full records of up to CHUNK_SIZE consecutive latent ids each,
-so a 16k-latent SAE gives 256 small files instead of one giant page). The one `feature.html?id=N` page loads the
-chunk holding N. Templates (HTML, CSS, the page script) live in the top-level `dashboards/` folder; plotly's
+so a 16k-latent SAE gives 256 small files instead of one giant page), `data/tokens.js` (the token index: every
+latent's top tokens, with a page or without, which the index page searches) and `data/labels.js` (the labels and
+notes users gave latents, see saelab.labels; `saelab serve` serves this file fresh from the SAE's labels.json). The
+one `feature.html?id=N` page loads the chunk holding N. Templates (HTML, CSS, the page script) live in the top-level `dashboards/` folder; plotly's
 bundle is copied beside them once, so nothing is fetched from the internet.
 
 Layout written under `out_dir`:
 
     index.html  feature.html
     assets/     app.js  style.css  plotly.min.js
-    data/       summary.js  index.js  features_0000.js ...
+    data/       summary.js  index.js  tokens.js  labels.js  features_0000.js ...
 
 The summary and feature dicts follow the dashboard data contract of `saelab.dashboard.collect`.
 """
@@ -29,6 +31,7 @@ from plotly.offline import get_plotlyjs
 from tqdm.auto import tqdm
 
 from saelab.errors import SaelabError
+from saelab.labels import Label, labels_json
 
 CHUNK_SIZE = 64
 SIGNIFICANT_DIGITS = 6
@@ -89,16 +92,32 @@ def index_rows(features: list[dict[str, Any]]) -> dict[str, Any]:
     return {"columns": list(INDEX_COLUMNS), "rows": [[f[key] for key in INDEX_COLUMNS] for f in features]}
 
 
+def read_data_file(path: Path) -> Any:
+    """The value a data file written here holds (`window.NAME = <JSON>;`), or a SaelabError naming the file."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    head, _, rest = text.partition(" = ")
+    if not head.startswith("window.") or not rest.endswith(";\n"):
+        raise SaelabError(f"{path} is missing or is not a saelab dashboard data file; rebuild the dashboard.")
+    return json.loads(rest[:-2])
+
+
+def labels_script(labels: dict[int, Label]) -> str:
+    """The text of data/labels.js for these labels."""
+    return f"window.SAELAB_LABELS = {script_json(labels_json(labels))};\n"
+
+
 def write_site(
     out_dir: str | Path,
     summary: dict[str, Any],
     features: list[dict[str, Any]],
     chunk_size: int = CHUNK_SIZE,
     progress: bool = False,
+    labels: dict[int, Label] | None = None,
 ) -> Path:
     """Write the dashboard for `features` (feature dicts of the data contract, any subset of latent ids) under
-    `out_dir`; return the path of its index.html. Chunk files left by an earlier run in the same folder are
-    replaced."""
+    `out_dir`; return the path of its index.html. summary["latent_tokens"], when present, becomes the token index
+    (data/tokens.js) instead of part of the summary; labels: latent id -> Label (saelab.labels). Chunk files left by
+    an earlier run in the same folder are replaced."""
     if chunk_size < 1:
         raise SaelabError(f"chunk_size must be positive, got {chunk_size}.")
     ids = [f["id"] for f in features]
@@ -116,8 +135,12 @@ def write_site(
 
     for stale in (out / "data").glob("features_*.js"):
         stale.unlink()
+    summary = dict(summary)
+    token_index = {"top_k": summary.get("top_k"), "latents": summary.pop("latent_tokens", [])}
     site_summary = {**summary, "n_features": len(features), "chunk_size": chunk_size}
     (out / "data/summary.js").write_text(f"window.SAELAB_SUMMARY = {script_json(site_summary)};\n", encoding="utf-8")
+    (out / "data/tokens.js").write_text(f"window.SAELAB_TOKENS = {script_json(token_index)};\n", encoding="utf-8")
+    (out / "data/labels.js").write_text(labels_script(labels or {}), encoding="utf-8")
     ordered = sorted(features, key=lambda f: f["id"])
     (out / "data/index.js").write_text(f"window.SAELAB_INDEX = {script_json(index_rows(ordered))};\n", encoding="utf-8")
     chunks: dict[int, list[dict[str, Any]]] = {}
