@@ -359,6 +359,9 @@ var saelab = (function () {
                 summary);
       } else {
         explain(status, "Latent " + id + " has no page in this dashboard.", summary, id);
+        document.title = "Latent " + id + " · " + summary.sae;
+        document.getElementById("title").textContent = "Latent " + id + " ";
+        showLabel(id);
         livePanels(document.getElementById("feature"), id, null, summary);
       }
       return;
@@ -609,17 +612,21 @@ var saelab = (function () {
                 (firing.length ? " (strongest " + fmt(peak) + ")." : ".") }));
         out.appendChild(tokenLine({ tokens: data.tokens, acts: data.acts, focus: -1 }, Math.max(scale || 0, peak) || 1));
         out.appendChild(el("h3", { text: "Latents most active in this text" }));
-        out.appendChild(el("table", { id: "live-top", className: "neighbours" }, data.top.map(function (row) {
-          var link = featureLink(row.latent);
-          if (row.latent === id) link.classList.add("current");
-          return el("tr", { "data-id": row.latent }, [
-            el("td", { className: "num" }, [link]),
-            el("td", { className: "num", text: fmt(row.max) }),
-            el("td", {}, [tokenChip(row.token)]),
-            el("td", { className: "muted", text: row.firing + " tok" }),
-            el("td", {}, labelCell(row.latent)),
-          ]);
-        })));
+        var head = el("tr", {}, ["latent", "strongest", "on", "fires on", "label"].map(function (name) {
+          return el("th", { text: name });
+        }));
+        out.appendChild(el("table", { id: "live-top", className: "neighbours" }, [el("thead", {}, [head]),
+          el("tbody", {}, data.top.map(function (row) {
+            var link = featureLink(row.latent);
+            if (row.latent === id) link.classList.add("current");
+            return el("tr", { "data-id": row.latent }, [
+              el("td", { className: "num" }, [link]),
+              el("td", { className: "num", text: fmt(row.max) }),
+              el("td", {}, [tokenChip(row.token)]),
+              el("td", { className: "num muted", text: row.firing + " of " + data.tokens.length }),
+              el("td", {}, labelCell(row.latent)),
+            ]);
+          }))]));
       }, failed(run, status));
     });
     return section("Your text", [box, el("div", { className: "actions" }, [run, status]), out], "column wide");

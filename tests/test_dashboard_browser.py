@@ -292,7 +292,7 @@ def test_live_text_steering_and_labels_from_a_served_feature_page(server, served
     assert [text for text, _, _ in spans] == [shown(t) for t in expected["tokens"]]
     assert [float(act) for _, act, _ in spans] == pytest.approx(expected["acts"], rel=1e-5)
     assert [lit for _, _, lit in spans] == [a != 0 for a in expected["acts"]] and any(lit for _, _, lit in spans)
-    top = page.eval_on_selector_all("#live-top tr", "rows => rows.map(r => Number(r.dataset.id))")
+    top = page.eval_on_selector_all("#live-top tbody tr", "rows => rows.map(r => Number(r.dataset.id))")
     assert top == [row["latent"] for row in expected["top"]]
 
     # steering: the completion changes, and the loss change is reported
@@ -335,6 +335,7 @@ def test_a_latent_without_a_page_still_gets_the_live_panels(server, served_page)
     page.goto(f"{running.url}feature.html?id=90")
     page.wait_for_selector("#live-text")
     assert "Latent 90 has no page in this dashboard." in page.text_content("#status")
+    assert page.text_content("#title") == "Latent 90 "
     page.fill("#live-text", TEXT)
     page.click("#live-run")
     page.wait_for_selector("#live-summary")

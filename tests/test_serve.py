@@ -245,3 +245,45 @@ def test_label_command_sets_lists_removes_and_refreshes_the_dashboard(served, ca
                  "--features", "3", "--out", str(out), "--quiet"]) == 0  # fmt: skip
     assert read_data_file(out / "data/labels.js") == {"3": {"label": "the end", "notes": "see 7"}}
     assert torch.equal(load_sae(folder).W_dec, served[1].W_dec)  # labelling leaves the SAE alone
+
+
+def test_the_serve_command_serves_until_ctrl_c(served):
+    """`saelab serve` in a process of its own: the URL it prints answers, and Ctrl-C stops it cleanly (exit 0)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    folder, _ = served
+    argv = [sys.executable, "-m", "saelab", "serve", "--sae", str(folder), "--model", "tiny-native", "--port", "0"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith(f"serving the dashboard of {folder} at http://127.0.0.1:"), line + process.stderr.read()
+        url = line.split(" at ")[1].split()[0]
+        assert json.load(urllib.request.urlopen(url + "api/info"))["d_sae"] == 96
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert out.strip() == f"stopped serving {url}"
+
+
+def test_a_site_built_by_an_older_saelab_gets_this_version_s_pages(live, served, tmp_path):
+    """Pages and scripts come from the installed templates (they hold the live panels), data from the site; an
+    older site without a token index gets an empty one instead of a 404."""
+    import shutil
+
+    from saelab.dashboard.site import templates_dir
+
+    old = tmp_path / "old"
+    shutil.copytree(served[0] / "dashboard", old)
+    (old / "assets/app.js").write_text("/* an older app.js without live panels */")
+    (old / "data/tokens.js").unlink()
+    client = TestClient(create_app(live, old))
+    for path, template in (("assets/app.js", "app.js"), ("feature.html", "feature.html"), ("", "index.html")):
+        assert client.get("/" + path).text == (templates_dir() / template).read_text(encoding="utf-8"), path
+    assert client.get("/data/tokens.js").text == "window.SAELAB_TOKENS = null;\n"
+    assert client.get("/data/summary.js").text == (old / "data/summary.js").read_text(encoding="utf-8")
+    assert client.get("/assets/plotly.min.js").status_code == 200

@@ -6,7 +6,10 @@ when they are opened from this server (saelab.dashboard.live computes the answer
     POST /api/steer         {"latent", "mode", "alpha", "prompt", "max_new_tokens", "reference"} -> LiveSAE.steer
     POST /api/labels        {"latent", "label", "notes"}                        -> every label
     GET  /data/labels.js    the SAE's labels.json as the site's labels file, read fresh on every request
-    GET  /...               the static site's files
+    GET  /, /index.html, /feature.html, /assets/app.js, /assets/style.css
+                            this saelab's templates, not the site's copies, so a site built by an older
+                            version gets the live panels this server answers
+    GET  /...               the static site's files (data, plotly)
 
 Model work runs in Starlette's thread pool, so pages, data files and /api/info are served while a completion
 generates. A bad request gets status 400 and {"error": one sentence}.
@@ -23,7 +26,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -52,7 +55,7 @@ def _site_summary(site: Path) -> dict[str, Any]:
 
 def create_app(live: LiveSAE, site: str | Path) -> Starlette:
     """The app serving `site` (a folder `saelab dashboard` wrote for live.sae) with the live endpoints."""
-    from saelab.dashboard.site import labels_script
+    from saelab.dashboard.site import ASSETS, PAGES, labels_script, templates_dir
     from saelab.labels import read_labels
 
     site = Path(site)
@@ -89,13 +92,30 @@ def create_app(live: LiveSAE, site: str | Path) -> Starlette:
         labels = read_labels(live.sae_folder) if live.sae_folder is not None else {}
         return Response(labels_script(labels), media_type="text/javascript; charset=utf-8")
 
+    async def tokens_file(request: Request) -> Response:
+        if (site / "data/tokens.js").is_file():
+            return FileResponse(site / "data/tokens.js", media_type="text/javascript; charset=utf-8")
+        return Response("window.SAELAB_TOKENS = null;\n", media_type="text/javascript; charset=utf-8")  # older site
+
+    templates = templates_dir()
+
+    def template(path: Path):
+        async def endpoint(request: Request) -> Response:
+            return FileResponse(path)
+
+        return endpoint
+
     routes = [
         Route("/api/info", info),
         Route("/api/activations", answer("activations", live.activations), methods=["POST"]),
         Route("/api/steer", answer("steer", live.steer), methods=["POST"]),
         Route("/api/labels", answer("labels", live.set_label), methods=["POST"]),
         Route("/data/labels.js", labels_file),
-        Mount("/", StaticFiles(directory=site, html=True)),
+        Route("/data/tokens.js", tokens_file),
+        Route("/", template(templates / "index.html")),
+        *(Route(f"/{name}", template(templates / name)) for name in PAGES),
+        *(Route(f"/assets/{name}", template(templates / name)) for name in ASSETS),
+        Mount("/", StaticFiles(directory=site)),
     ]
     return Starlette(routes=routes)
 
