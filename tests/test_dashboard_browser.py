@@ -247,7 +247,7 @@ def test_feature_page_explains_ids_it_cannot_show(site, page):
 
 
 @pytest.fixture(scope="module")
-def server(served, tiny_model):
+def server(served, tiny_model):  # noqa: F811 (the fixture imported above)
     """The tiny SAE's real dashboard (latents 0-7) served with its live panels on a free port."""
     from saelab.dashboard.live import LiveSAE
     from saelab.dashboard.server import LocalServer, create_app
