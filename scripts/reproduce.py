@@ -9,6 +9,7 @@
     python scripts/reproduce.py attention       # 6. an attn.hook_z SAE: alive latents, head-level DFA
     python scripts/reproduce.py all             # the caches, then every claim, then tables.md
     python scripts/reproduce.py tables          # markdown tables of every finished claim (RESULTS.md's tables)
+    python scripts/reproduce.py png             # the figures as PNG in docs/results/ (RESULTS.md's pictures)
 
     --out DIR   results folder (default runs/reproduce; runs/reproduce-quick with --quick)
     --quick     the whole pipeline at tiny scale on the random `tiny-native` model: checks the pipeline, not the
@@ -774,9 +775,32 @@ def markdown_tables(out: Path) -> str:
     return "\n".join(parts)
 
 
+def figure_pngs(out: Path, folder: Path) -> list[Path]:
+    """Every finished claim's plotly figures as PNG files in `folder` (<claim>_<n>.png), drawn by headless Chromium
+    (Debian's chromium and the playwright package of the dev extra), for RESULTS.md."""
+    from playwright.sync_api import sync_playwright
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1000, "height": 800})
+        for claim in CLAIMS:
+            if not (out / claim / "figures.html").is_file():
+                continue
+            page.goto((out / claim / "figures.html").resolve().as_uri())
+            page.wait_for_selector(".plotly-graph-div .main-svg")
+            for n, plot in enumerate(page.query_selector_all(".plotly-graph-div")):
+                written.append(folder / f"{claim}_{n}.png")
+                plot.screenshot(path=str(written[-1]))
+        browser.close()
+    return written
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("claim", choices=["cache", *CLAIMS, "all", "tables"])
+    parser.add_argument("claim", choices=["cache", *CLAIMS, "all", "tables", "png"])
     parser.add_argument("--out", default="")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
@@ -799,6 +823,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.claim in ("all", "tables"):
         (run.out / "tables.md").write_text(markdown_tables(run.out))
         print(f"[reproduce] tables: {run.out / 'tables.md'}")
+    if args.claim == "png":
+        for path in figure_pngs(run.out, Path("docs/results")):
+            print(f"[reproduce] {path}")
 
 
 def _record_seconds(path: Path, seconds: float) -> None:
