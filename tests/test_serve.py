@@ -233,12 +233,13 @@ def test_label_command_sets_lists_removes_and_refreshes_the_dashboard(served, ca
     assert main(["label", "--sae", str(folder)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "3: the end  [notes: see 7]"
     for argv, message in (
-        (["--feature", "96", "--label", "x"], "outside this SAE's latents 0..95"),
+        (["--feature", "7", "96", "--label", "x"], "Latents [96] are outside this SAE's latents 0..95"),
         (["--label", "x"], "Name the latent(s) to label with --feature"),
         (["--feature", "1", "--remove", "--label", "x"], "--remove takes no --label"),
     ):
         assert main(["label", "--sae", str(folder), *argv]) == 2
         assert message in capsys.readouterr().err
+    assert 7 not in read_labels(folder)  # the bad id stopped the command before anything was written
     # a dashboard built afterwards carries the labels, and the index searches them (test_dashboard_browser.py)
     out = folder.parent / "relabelled"
     assert main(["dashboard", "--sae", str(folder), "--cache", str(folder.parent / "cache"), "--model", "none",

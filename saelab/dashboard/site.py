@@ -6,8 +6,8 @@ index table) and `data/features_NNNN.js` (the full records of up to CHUNK_SIZE c
 so a 16k-latent SAE gives 256 small files instead of one giant page), `data/tokens.js` (the token index: every
 latent's top tokens, with a page or without, which the index page searches) and `data/labels.js` (the labels and
 notes users gave latents, see saelab.labels; `saelab serve` serves this file fresh from the SAE's labels.json). The
-one `feature.html?id=N` page loads the chunk holding N. Templates (HTML, CSS, the page script) live in the top-level `dashboards/` folder; plotly's
-bundle is copied beside them once, so nothing is fetched from the internet.
+one `feature.html?id=N` page loads the chunk holding N. Templates (HTML, CSS, the page script) live in the
+top-level `dashboards/` folder; plotly's bundle is copied beside them once, so nothing is fetched from the internet.
 
 Layout written under `out_dir`:
 
