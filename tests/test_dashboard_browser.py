@@ -319,7 +319,7 @@ def test_live_text_steering_and_labels_from_a_served_feature_page(server, served
     page.click("#label-save")
     page.wait_for_selector("#feature-label")
     assert page.text_content("#feature-label") == "my latent"
-    assert live.labels() == {str(latent): {"label": "my latent", "notes": "seen in Genesis"}}
+    assert live.labels() == {latent: Label("my latent", "seen in Genesis")}
     screenshot = Path(os.environ.get("SAELAB_SERVE_SCREENSHOT") or tmp_path / "served.png")
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000

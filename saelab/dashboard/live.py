@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from saelab.errors import SaelabError
+from saelab.labels import Label, labels_json, read_labels, set_label
 from saelab.sae.base import SAE
 from saelab.sae.io import recorded_hook
 
@@ -136,16 +137,12 @@ class LiveSAE:
             "loss_change": steered_loss - clean_loss,
         }
 
-    def labels(self) -> dict[str, dict[str, str]]:
-        """The SAE's labels as JSON ({} without a local folder)."""
-        from saelab.labels import labels_json, read_labels
-
-        return labels_json(read_labels(self.sae_folder)) if self.sae_folder is not None else {}
+    def labels(self) -> dict[int, Label]:
+        """The SAE's labels, read fresh from its labels.json ({} without a local folder)."""
+        return read_labels(self.sae_folder) if self.sae_folder is not None else {}
 
     def set_label(self, latent: Any, label: Any, notes: Any = "") -> dict[str, dict[str, str]]:
         """Label (or, with both empty, unlabel) a latent in the SAE's labels.json; returns every label as JSON."""
-        from saelab.labels import labels_json, set_label
-
         if self.sae_folder is None:
             raise SaelabError("This SAE was not loaded from a local folder, so there is no labels file to write.")
         if not isinstance(label, str) or not isinstance(notes, str):

@@ -56,7 +56,6 @@ def _site_summary(site: Path) -> dict[str, Any]:
 def create_app(live: LiveSAE, site: str | Path) -> Starlette:
     """The app serving `site` (a folder `saelab dashboard` wrote for live.sae) with the live endpoints."""
     from saelab.dashboard.site import ASSETS, PAGES, labels_script, templates_dir
-    from saelab.labels import read_labels
 
     site = Path(site)
     summary = _site_summary(site)
@@ -89,8 +88,7 @@ def create_app(live: LiveSAE, site: str | Path) -> Starlette:
         return JSONResponse({**live.info(), "sae": summary.get("sae")})
 
     async def labels_file(request: Request) -> Response:
-        labels = read_labels(live.sae_folder) if live.sae_folder is not None else {}
-        return Response(labels_script(labels), media_type="text/javascript; charset=utf-8")
+        return Response(labels_script(live.labels()), media_type="text/javascript; charset=utf-8")
 
     async def tokens_file(request: Request) -> Response:
         if (site / "data/tokens.js").is_file():
