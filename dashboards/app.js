@@ -90,7 +90,7 @@ var saelab = (function () {
     return labels[String(id)] || null;
   }
 
-  /* The lower-cased texts a search query is matched against: each token (raw and as shown), a label, notes. */
+  /* The lower-cased text a search query is matched against for a token: the raw token and the token as shown. */
   function tokenSearchText(token) {
     return (token + "\u0000" + visible(token)).toLowerCase();
   }
@@ -108,15 +108,24 @@ var saelab = (function () {
     });
   }
 
-  /* Every latent of the SAE, with a page or not, whose top tokens (the token index, data/tokens.js) include one
-     that matches `query` (lower case): [{id, hits (its top activations on matching tokens), matched, tokens}],
-     most hits first. */
-  function tokenMatches(query) {
+  /* The token index (data/tokens.js) with each entry's search text, computed once per page:
+     [{id, entries: [[token, hits], ...], search: [text per entry]}] for every latent of the SAE. */
+  function tokenIndex() {
     var index = window.SAELAB_TOKENS;
-    if (!index || !query) return [];
+    if (!index) return [];
+    return index.latents.map(function (entries, id) {
+      return { id: id, entries: entries, search: entries.map(function (entry) { return tokenSearchText(entry[0]); }) };
+    });
+  }
+
+  /* Every latent of `latents` (tokenIndex()), with a page or not, with a top token that matches `query` (lower
+     case): [{id, hits (its top activations on matching tokens), matched, tokens}], most hits first. */
+  function tokenMatches(latents, query) {
+    if (!query) return [];
     var out = [];
-    index.latents.forEach(function (entries, id) {
-      var matched = entries.filter(function (entry) { return tokenSearchText(entry[0]).indexOf(query) >= 0; });
+    latents.forEach(function (latent) {
+      var entries = latent.entries, id = latent.id;
+      var matched = entries.filter(function (_, i) { return latent.search[i].indexOf(query) >= 0; });
       if (matched.length) {
         var hits = matched.reduce(function (sum, entry) { return sum + entry[1]; }, 0);
         out.push({ id: id, hits: hits, matched: matched, tokens: entries });
@@ -150,6 +159,7 @@ var saelab = (function () {
   function renderIndex() {
     var summary = window.SAELAB_SUMMARY;
     var rows = indexRows();
+    var latents = tokenIndex();
     document.title = "SAE features: " + summary.sae;
     document.getElementById("title").textContent = "SAE features: " + summary.sae;
     header(summary);
@@ -229,7 +239,7 @@ var saelab = (function () {
           el("td", { className: "tokens" }, row.top_tokens.map(tokenChip)),
         ]));
       });
-      renderTokenMatches(summary, rows, state.query.trim().toLowerCase());
+      renderTokenMatches(summary, rows, latents, state.query.trim().toLowerCase());
       headers.forEach(function (th) {
         var sorted = th.getAttribute("data-key") === state.key;
         th.setAttribute("aria-sort", sorted ? (state.dir > 0 ? "ascending" : "descending") : "none");
@@ -266,12 +276,12 @@ var saelab = (function () {
   var TOKEN_MATCHES_SHOWN = 100;
 
   /* Below the table: every latent of the SAE whose top tokens match the query, built or not (the token index). */
-  function renderTokenMatches(summary, rows, query) {
+  function renderTokenMatches(summary, rows, latents, query) {
     var panel = document.getElementById("token-search");
     if (!panel) return;
     var built = {};
     rows.forEach(function (row) { built[row.id] = true; });
-    var matches = tokenMatches(query);
+    var matches = tokenMatches(latents, query);
     panel.classList.toggle("hidden", !query || !window.SAELAB_TOKENS);
     var body = clear(document.querySelector("#token-matches tbody"));
     var topK = (window.SAELAB_TOKENS || {}).top_k;
