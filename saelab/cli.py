@@ -25,6 +25,7 @@ from saelab.config import (
     add_arguments,
     from_args,
 )
+from saelab.devices import idle_gpu_note
 from saelab.errors import Interrupted, SaelabError
 from saelab.train.command import TrainCommand
 
@@ -32,7 +33,11 @@ from saelab.train.command import TrainCommand
 def _run(args: argparse.Namespace) -> None:
     """Every config-driven subcommand: saelab.commands.<name>.run, then print the result's lines."""
     command = importlib.import_module(f"saelab.commands.{args.command}")
-    result: CommandResult = command.run(from_args(args.command_cls, args), progress=not args.quiet)
+    config = from_args(args.command_cls, args)
+    note = idle_gpu_note([section.device for section in vars(config).values() if hasattr(section, "device")])
+    if note:
+        print(note, file=sys.stderr)
+    result: CommandResult = command.run(config, progress=not args.quiet)
     lines = result.lines()
     if lines:  # the other ranks of a torchrun job report nothing
         print("\n".join(lines))

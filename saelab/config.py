@@ -353,7 +353,8 @@ class TrainConfig(Section):
     precision: str = option(
         "auto",
         "SAE training precision: bf16 (bfloat16 autocast for the encoder matmul; float32 weights, Adam state, "
-        "decoder and losses), fp32, or auto (bf16 on CUDA, fp32 on CPU).",
+        "decoder and losses), fp32, or auto (bf16 on CUDA and on CPUs with bf16 units, AVX512-BF16 or AMX; fp32 "
+        "elsewhere).",
         choices=("auto", "bf16", "fp32"),
     )
     buffer_tokens: int = option(262_144, "Shuffle-buffer size for live harvesting (tokens).", min=1)

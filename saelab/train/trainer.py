@@ -159,6 +159,7 @@ class Run:
         self.history = LatentRecorder(self.sae.d_sae, self.sae.W_dec.device)
         self.dead_tokens = spec.sections["aux"].dead_tokens
         self.autocast = autocast_dtype(spec.train.precision, self.sae.W_dec.device)
+        self.sae.metadata["precision"] = "bf16" if self.autocast is torch.bfloat16 else "fp32"  # what auto chose
 
     @torch.no_grad()
     def initialize(self, sample: ActivationBatch) -> None:
