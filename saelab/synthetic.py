@@ -77,11 +77,13 @@ def fit_planted(
     return sae
 
 
-def train_planted(sae, data: PlantedDictionary, steps: int, batch: int = 1024, dead_tokens: int = 20_000, grads=None):
+def train_planted(sae, data: PlantedDictionary, steps: int, batch: int = 1024, dead_tokens: int = 20_000, grads=None,
+                  autocast: torch.dtype | None = None):
     """Train `sae` on fresh planted batches as `saelab train` would, from the variant's defaults: constant input
     scale fitted on a sample, the variant's data-dependent init, its default learning rate with the trainer's
     schedule (20 warmup steps, linear decay over the last 20%), gradient clipping at 1, dead latents (for AuxK)
     after `dead_tokens` tokens without firing. grads: optional callable x [batch, d] -> d(loss)/dx for g-SAE.
+    autocast: the training precision as in `train_step` (torch.bfloat16 for --precision bf16; None: float32).
     Returns the SAE. Runs single-threaded (thousands of tiny matmuls)."""
 
     from saelab.sae.base import StepContext
@@ -103,7 +105,8 @@ def train_planted(sae, data: PlantedDictionary, steps: int, batch: int = 1024, d
             x = data.sample(batch)
             x_n, stats = sae.normalize(x)
             g = None if grads is None else sae.input_norm.grads_to_sae(grads(x), stats)
-            out = train_step(sae, optimizer, x_n, StepContext(dead=since_fired >= dead_tokens, grads=g), 1.0)
+            ctx = StepContext(dead=since_fired >= dead_tokens, grads=g)
+            out = train_step(sae, optimizer, x_n, ctx, 1.0, autocast=autocast)
             since_fired += batch
             since_fired[out.code.firing_counts() > 0] = 0
         if sae.calibrates_inference:

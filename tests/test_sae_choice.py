@@ -132,6 +132,15 @@ def test_feature_thresholds_are_per_latent_running_minima():
     assert torch.equal(sae.activate(z), torch.tensor([[0.0, 0.5, 0.8], [1.2, 0.0, 0.0]]))
 
 
+def test_feature_thresholds_take_bf16_codes_as_training_under_autocast_gives_them():
+    """--precision bf16: the training code's values are bfloat16; the float32 running minima take them exactly."""
+    sae = make("feature", d_sae=3, k=1, topk=TopKConfig(threshold_rate=0.5))
+    a = torch.tensor([[0.5, 0.0, 0.0], [2.0, 0.0, 0.75]], dtype=torch.bfloat16)
+    sae.update_inference_state(SparseCode.from_dense(a))
+    assert sae.threshold.dtype == torch.float32
+    assert sae.threshold.tolist() == [0.5, float("inf"), 0.75]
+
+
 def test_running_frequency():
     sae = make("mutual", d_sae=3, k=1, topk=TopKConfig(threshold_rate=0.5))
     a1 = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, 0.0]])

@@ -48,12 +48,14 @@ def lm_gradient(x: torch.Tensor) -> torch.Tensor:
     return 0.1 * torch.tanh(x.flip(-1))
 
 
-def check_planted_recovery(name: str, options: dict, shape: tuple) -> None:
-    """From its defaults plus --target-l0 = the true L0, `name` recovers a planted dictionary of `shape`."""
+def check_planted_recovery(name: str, options: dict, shape: tuple, autocast: torch.dtype | None = None) -> None:
+    """From its defaults plus --target-l0 = the true L0, `name` recovers a planted dictionary of `shape`, trained
+    at float32 or under `autocast`."""
     d_in, n_features, true_l0, d_sae, steps, seed = shape
     data = PlantedDictionary(d_in, n_features, true_l0 / n_features, seed=seed)
     sae = make(name, options, d_in, d_sae, true_l0, seed)
-    train_planted(sae, data, steps, grads=lm_gradient if name == "gsae" else None)
+    train_planted(sae, data, steps, grads=lm_gradient if name == "gsae" else None, autocast=autocast)
+    assert all(t.dtype == torch.float32 for t in (*sae.parameters(), *sae.buffers()) if t.is_floating_point())
     with torch.no_grad():
         x = data.sample(8192)
         x_hat, code = sae.reconstruct(x)
@@ -80,6 +82,12 @@ def test_abstopk_uses_one_latent_per_signed_feature_where_topk_needs_two():
 @pytest.mark.parametrize(("name", "options"), VARIANTS, ids=IDS)
 def test_defaults_reach_the_target_and_recover_a_planted_dictionary(name, options, shape):
     check_planted_recovery(name, options, shape)
+
+
+@pytest.mark.parametrize(("name", "options"), VARIANTS, ids=IDS)
+def test_defaults_reach_the_target_and_recover_a_planted_dictionary_at_bf16(name, options):
+    """--precision bf16 (auto's choice on CUDA and on CPUs with bf16 units): the same bar as float32."""
+    check_planted_recovery(name, options, SHAPES[0], autocast=torch.bfloat16)
 
 
 def check_round_trip(name: str, options: dict, folder) -> None:

@@ -182,7 +182,8 @@ class ChoiceSAE(BatchTopKSAE):
         else:
             positive = code.values > 0
             column_min = torch.full_like(self.threshold, float("inf"))  # [d_sae]; inf: none kept
-            column_min.scatter_reduce_(0, code.layout.indices[positive], code.values[positive], "amin")
+            values = code.values[positive].to(column_min.dtype)  # bf16 under --precision bf16
+            column_min.scatter_reduce_(0, code.layout.indices[positive], values, "amin")
             ema_threshold_(self.threshold, column_min, rate)
         fired = code.firing_counts().to(self.feature_freq) / max(code.layout.batch, 1)
         if int(self.freq_updates) == 0:
