@@ -26,7 +26,8 @@ STEPS = 24
 
 def command(out, cache, hooks=HOOKS[:1], sae=None, **train_options) -> TrainCommand:
     options = {"cache": str(cache), "out": str(out), "train_tokens": 256 * STEPS, "batch_size": 256, "lr": 3e-3,
-               "lr_warmup_steps": 5, "log_every": 3, "checkpoint_every": 7, "init_tokens": 2048}
+               "lr_warmup_steps": 5, "log_every": 3, "checkpoint_every": 7, "init_tokens": 2048,
+               "precision": "fp32"}  # equal to one process to fp32 rounding; bf16 GEMMs round a half batch apart
     options.update(train_options)
     return TrainCommand(model=ModelConfig(model="tiny-native"), data=DataConfig(context_length=32),
                         harvest=HarvestConfig(hooks=list(hooks)), train=TrainConfig(**options),
