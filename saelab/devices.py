@@ -53,7 +53,7 @@ def cpu_has_bf16_units() -> bool:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """--precision (auto, bf16, fp32) on `device` -> the autocast dtype for SAE training, None for float32.
     auto is bf16 on CUDA (tensor cores) and on CPUs with bfloat16 units (AVX512-BF16, AMX: the main job trains
-    1.8x faster at the same FVU), fp32 elsewhere (without those units bf16 matmuls run slower than float32).
+    1.8x faster at the same FVU), fp32 elsewhere (without those units a CPU has no fast bf16 matmul).
     float32 weights and Adam state keep the update exact either way."""
     if precision == "bf16":
         return torch.bfloat16
