@@ -77,7 +77,7 @@ def test_bf16_training_keeps_float32_state_and_matches_float32_quality():
 
 def test_a_cpu_command_on_a_machine_with_a_gpu_says_how_to_use_it(monkeypatch, tmp_path, capsys):
     """`--device cpu` (the default) where CUDA is available: one note on stderr naming --device cuda; none on a
-    machine without a GPU. `saelab label` (no device option) never notes."""
+    machine without a GPU. `saelab dead` (no device option) never notes."""
     from saelab import cli
     from saelab.devices import idle_gpu_note
 
