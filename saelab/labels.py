@@ -11,6 +11,7 @@ writes it live, so the index, the feature pages and the search show what a user 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -58,24 +59,30 @@ def read_labels(sae_folder: str | Path) -> dict[int, Label]:
 
 
 def set_label(
-    sae_folder: str | Path, latent: int, label: str, notes: str = "", d_sae: int | None = None
+    sae_folder: str | Path, latent: int | Sequence[int], label: str, notes: str = "", d_sae: int | None = None
 ) -> dict[int, Label]:
-    """Give `latent` a label and notes (both empty: remove its entry); returns every label. Written atomically.
+    """Give `latent` (or each of several) a label and notes (both empty: remove the entries); returns every label.
 
-    d_sae, when known, bounds the latent id."""
-    if latent < 0 or (d_sae is not None and latent >= d_sae):
+    d_sae, when known, bounds the latent ids. Every id and the text are checked before the one atomic write, so a
+    refused call changes nothing."""
+    latents = [latent] if isinstance(latent, int) else list(latent)
+    outside = [i for i in latents if i < 0 or (d_sae is not None and i >= d_sae)]
+    if outside:
         bound = f" 0..{d_sae - 1}" if d_sae is not None else ""
-        raise SaelabError(f"Latent {latent} is outside this SAE's latents{bound}.")
+        ids = ", ".join(map(str, outside))
+        which = f"Latent {ids} is" if len(outside) == 1 else f"Latents {ids} are"
+        raise SaelabError(f"{which} outside this SAE's latents{bound}; nothing was labelled.")
     label, notes = label.strip(), notes.strip()
     if "\n" in label or len(label) > MAX_LABEL_CHARS:
         raise SaelabError(f"A label is one line of at most {MAX_LABEL_CHARS} characters; put longer text in the notes.")
     if len(notes) > MAX_NOTES_CHARS:
         raise SaelabError(f"Notes are at most {MAX_NOTES_CHARS:,} characters (got {len(notes):,}).")
     labels = read_labels(sae_folder)
-    if label or notes:
-        labels[latent] = Label(label, notes)
-    else:
-        labels.pop(latent, None)
+    for i in latents:
+        if label or notes:
+            labels[i] = Label(label, notes)
+        else:
+            labels.pop(i, None)
     write_json(labels_path(sae_folder), {"format": FORMAT, "version": 1, "labels": labels_json(labels)})
     return labels
 

@@ -233,7 +233,7 @@ def test_label_command_sets_lists_removes_and_refreshes_the_dashboard(served, ca
     assert main(["label", "--sae", str(folder)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "3: the end  [notes: see 7]"
     for argv, message in (
-        (["--feature", "7", "96", "--label", "x"], "Latents [96] are outside this SAE's latents 0..95"),
+        (["--feature", "7", "96", "--label", "x"], "Latent 96 is outside this SAE's latents 0..95; nothing was"),
         (["--label", "x"], "Name the latent(s) to label with --feature"),
         (["--feature", "1", "--remove", "--label", "x"], "--remove takes no --label"),
     ):

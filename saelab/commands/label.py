@@ -48,12 +48,7 @@ def run(command: LabelCommand, progress: bool = True) -> LabelResult:
     labels = read_labels(options.sae)
     changing = bool(options.label or options.notes or options.remove)
     if changing:
-        d_sae = load_sae(options.sae).d_sae
-        outside = sorted(i for i in options.feature if i >= d_sae)
-        if outside:  # refused before any label is written
-            raise SaelabError(f"Latents {outside} are outside this SAE's latents 0..{d_sae - 1}; fix --feature.")
-        for latent in options.feature:
-            labels = set_label(options.sae, latent, options.label, options.notes, d_sae=d_sae)
+        labels = set_label(options.sae, options.feature, options.label, options.notes, d_sae=load_sae(options.sae).d_sae)
     site_labels = Path(options.sae) / "dashboard" / "data" / "labels.js"
     refreshed = None
     if changing and site_labels.is_file():
